@@ -1,0 +1,365 @@
+"""Typed training configuration, loaded from YAML and validated on load.
+
+Every mistake stops with one line naming the dotted key and the value (a ``UserError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jdcl_ray.errors import UserError
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}' = {value!r} is out of range: expected {expected}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None
+    imbalance_ratio: float = 10.0
+    profile: str = "exp"
+    seed: int = 0
+    eval_split: str = "test"
+    image_size: int | None = None
+    download: bool = False
+
+    def validate(self) -> None:
+        _check(self.imbalance_ratio >= 1, "data.imbalance_ratio", self.imbalance_ratio, ">= 1")
+        _check(self.profile in ("exp", "step"), "data.profile", self.profile, "'exp' or 'step'")
+        _check(
+            self.eval_split in ("test", "train", "none"),
+            "data.eval_split",
+            self.eval_split,
+            "'test', 'train' or 'none'",
+        )
+        _check(
+            self.image_size is None or self.image_size >= 4,
+            "data.image_size",
+            self.image_size,
+            "null or >= 4",
+        )
+
+
+@dataclass
+class AugmentSection:
+    """SimCLR augmentation strengths; small grey images want gentler crops than ImageNet's."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur: bool | None = None
+
+    def validate(self) -> None:
+        low, high = self.crop_scale
+        _check(
+            0 < low <= high <= 1, "augment.crop_scale", list(self.crop_scale), "0 < min <= max <= 1"
+        )
+        for name in ("flip_p", "jitter_p", "grayscale_p"):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"augment.{name}", value, "a probability in [0, 1]")
+        _check(all(v >= 0 for v in self.jitter), "augment.jitter", list(self.jitter), ">= 0")
+        _check(self.jitter[3] <= 0.5, "augment.jitter", list(self.jitter), "hue <= 0.5")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "small_cnn"
+    num_clusters: int = 10
+    width: int = 32
+    projection_hidden: int = 512
+    projection_dim: int = 128
+    cluster_hidden: int = 100
+
+    def validate(self) -> None:
+        _check(self.num_clusters >= 2, "model.num_clusters", self.num_clusters, ">= 2")
+        for name in ("width", "projection_hidden", "projection_dim", "cluster_hidden"):
+            value = getattr(self, name)
+            _check(value >= 1, f"model.{name}", value, ">= 1")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.5
+    tau_plus: float = 0.1
+    prior: str = "fixed"
+    prior_warmup_epochs: int = 5
+    clustering_weight: float = 1.0
+    clustering_warmup_epochs: int = 0
+    pooling_momentum: float = 0.1
+
+    def validate(self) -> None:
+        _check(self.temperature > 0, "loss.temperature", self.temperature, "> 0")
+        _check(0 <= self.tau_plus < 1, "loss.tau_plus", self.tau_plus, "in [0, 1)")
+        _check(self.prior in ("fixed", "pooled"), "loss.prior", self.prior, "'fixed' or 'pooled'")
+        _check(
+            self.prior_warmup_epochs >= 0,
+            "loss.prior_warmup_epochs",
+            self.prior_warmup_epochs,
+            ">= 0",
+        )
+        _check(
+            self.clustering_weight >= 0, "loss.clustering_weight", self.clustering_weight, ">= 0"
+        )
+        _check(
+            self.clustering_warmup_epochs >= 0,
+            "loss.clustering_warmup_epochs",
+            self.clustering_warmup_epochs,
+            ">= 0",
+        )
+        _check(
+            0 < self.pooling_momentum <= 1,
+            "loss.pooling_momentum",
+            self.pooling_momentum,
+            "in (0, 1]",
+        )
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        _check(
+            self.optimizer in ("adam", "adamw", "sgd"),
+            "optim.optimizer",
+            self.optimizer,
+            "'adam', 'adamw' or 'sgd'",
+        )
+        _check(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "in [0, 1)")
+        _check(
+            self.schedule in ("cosine", "constant"),
+            "optim.schedule",
+            self.schedule,
+            "'cosine' or 'constant'",
+        )
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, ">= 0")
+        _check(self.batch_size >= 2, "optim.batch_size", self.batch_size, ">= 2")
+
+
+@dataclass
+class EvalConfig:
+    assign: str = "head"
+    knn_k: int = 20
+    every: int = 1
+
+    def validate(self) -> None:
+        _check(self.assign in ("head", "kmeans"), "eval.assign", self.assign, "'head' or 'kmeans'")
+        _check(self.knn_k >= 1, "eval.knn_k", self.knn_k, ">= 1")
+        _check(self.every >= 1, "eval.every", self.every, ">= 1")
+
+
+@dataclass
+class RunConfig:
+    name: str = "jdcl"
+    epochs: int = 10
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    seed: int = 0
+    output_dir: str = "runs/jdcl"
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "run.epochs", self.epochs, ">= 1")
+        _check(self.workers >= 1, "run.workers", self.workers, ">= 1")
+        _check(self.cpus_per_worker > 0, "run.cpus_per_worker", self.cpus_per_worker, "> 0")
+        _check(self.gpus_per_worker > 0, "run.gpus_per_worker", self.gpus_per_worker, "> 0")
+        _check(self.checkpoint_every >= 1, "run.checkpoint_every", self.checkpoint_every, ">= 1")
+        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", self.keep_checkpoints, ">= 1")
+        _check(self.max_failures >= 0, "run.max_failures", self.max_failures, ">= 0")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        batch, workers = self.optim.batch_size, self.run.workers
+        if batch % workers:
+            raise UserError(
+                f"config key 'optim.batch_size' = {batch} is not divisible by run.workers = "
+                f"{workers}: the global batch is split evenly across workers"
+            )
+        if batch // workers < 2:
+            raise UserError(
+                f"config key 'optim.batch_size' = {batch} gives fewer than 2 images per worker "
+                f"with run.workers = {workers}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field's type; ints widen to floats, lists to tuples."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                continue
+        names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+        raise UserError(f"config key '{key}' = {value!r} has the wrong type: expected {names}")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise UserError(
+                f"config key '{key}' = {value!r} has the wrong type: expected a list of "
+                f"{len(args)} numbers"
+            )
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool or annotation is int:
+        ok = isinstance(value, annotation) and (annotation is bool or not isinstance(value, bool))
+    else:
+        ok = isinstance(value, annotation)
+    if not ok:
+        raise UserError(
+            f"config key '{key}' = {value!r} has the wrong type: expected {annotation.__name__}"
+        )
+    return value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        where = f"section '{prefix}'" if prefix else "the config file"
+        raise UserError(f"{where} must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise UserError(f"config key '{dotted}' is unknown: expected one of {names}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, dotted)
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["loss.temperature=0.2", ...]`` into a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(
+                f"--set {item!r} is malformed: expected KEY=VALUE, e.g. loss.tau_plus=0.1"
+            )
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        merge(nested, dotted_to_nested(key.strip(), value))
+    return nested
+
+
+def dotted_to_nested(key: str, value: Any) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    node = nested
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return nested
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``update`` into ``base`` in place (nested dicts merge, other values replace)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: expected a YAML file")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, got {values!r}")
+    return values
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    config = _build(Config, values, "")
+    config.validate()
+    return config
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """Load a YAML config (or the defaults), apply overrides, validate."""
+    values = read_yaml(path) if path is not None else {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    merge(values, overrides or {})
+    return from_dict(values)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists so that safe_dump writes YAML that loads back into the same config."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

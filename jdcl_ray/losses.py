@@ -1,0 +1,160 @@
+"""The two training losses (method.md): DCL for the representation network, DDC for the
+clustering network, and the pooled per-anchor debiasing prior (ours) that links them.
+
+Both losses are pure functions of the (already gathered, see ``distributed.py``) global batch.
+They run in at least float32 with autocast off: at t = 0.05 bf16 logits would be off by ~0.1,
+and the DDC kernel products need the precision too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_DDC_SIGMA_SCALE = 0.15  # σ² = 0.15 · median(D)
+_DDC_MIN_SIGMA2 = 1e-9
+_DCS_MIN_INNER = 1e-9  # floor on each α_iᵀKα_j
+_DCS_MIN_NORM_PRODUCT = 1e-18  # floor on α_iᵀKα_i · α_jᵀKα_j, i.e. 1e-9 after the sqrt
+
+
+def _loss_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _check_dcl_args(z1: Tensor, z2: Tensor, temperature: float, tau_plus: float | Tensor) -> None:
+    if temperature <= 0:
+        raise ValueError(f"dcl_loss: temperature must be > 0, got {temperature}")
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(
+            f"dcl_loss: z1 and z2 must both be (B, D), got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    if z1.shape[0] < 2:
+        raise ValueError(f"dcl_loss: needs B >= 2 images for any negative, got B = {z1.shape[0]}")
+    if isinstance(tau_plus, Tensor):
+        # Values are not checked here (that would sync the device every step): pooled_tau_plus
+        # guarantees [0, 0.999].
+        if tau_plus.shape != (2 * z1.shape[0],):
+            raise ValueError(
+                f"dcl_loss: a per-anchor tau_plus must have shape (2B,) = ({2 * z1.shape[0]},), "
+                f"got {tuple(tau_plus.shape)}"
+            )
+    elif not 0 <= tau_plus < 1:
+        raise ValueError(f"dcl_loss: tau_plus must be in [0, 1), got {tau_plus}")
+
+
+def dcl_loss(z1: Tensor, z2: Tensor, temperature: float, tau_plus: float | Tensor) -> Tensor:
+    """Debiased contrastive loss (Chuang et al., "Debiased Contrastive Learning", NeurIPS 2020).
+
+    z1, z2: (B, D) projections of the two views (normalised here). The 2B anchors are the B of
+    view 1 then the B of view 2; anchor i's positive is its other view, the other N = 2B − 2
+    samples are its negatives. tau_plus: the class prior, one float in [0, 1) or a (2B,) tensor
+    of per-anchor priors in that anchor order (see :func:`pooled_tau_plus`). Returns a scalar:
+
+        Ng_i = max((−tau_plus·N·pos_i + Σ_j neg_ij) / (1 − tau_plus), N·e^(−1/t))
+        L = mean_i −log(pos_i / (pos_i + Ng_i))
+
+    computed in log space so that t = 0.05 neither overflows nor loses precision; tau_plus = 0
+    is NT-Xent (SimCLR).
+    """
+    _check_dcl_args(z1, z2, temperature, tau_plus)
+    batch = z1.shape[0]
+    num_neg = 2 * batch - 2
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1, z2]).to(_loss_dtype(z1)), dim=1)
+        logits = z @ z.T / temperature  # log of every exp(z_i·z_j / t)
+        eye = torch.eye(2 * batch, dtype=torch.bool, device=z.device)
+        positive = eye.roll(batch, dims=1)  # anchor i's other view: (i + B) mod 2B
+        log_pos = torch.cat([logits.diagonal(batch), logits.diagonal(-batch)])
+        log_neg = torch.logsumexp(logits.masked_fill(eye | positive, -math.inf), dim=1)
+
+        tau = torch.as_tensor(tau_plus, dtype=z.dtype, device=z.device)
+        # Σ neg − tau·N·pos = Σ neg · (1 − ratio), with ratio = tau·N·pos / Σ neg. Where
+        # ratio ≥ 1 the estimate is ≤ 0 and the clamp decides; masking ratio there (before the
+        # exp) keeps both the value and the gradient finite.
+        log_ratio = torch.log(tau * num_neg) + log_pos - log_neg
+        feasible = log_ratio < 0
+        ratio = log_ratio.masked_fill(~feasible, -math.inf).exp()
+        log_ng = log_neg + torch.log1p(-ratio) - torch.log1p(-tau)
+        log_floor = math.log(num_neg) - 1.0 / temperature
+        log_ng = torch.where(feasible, log_ng.clamp_min(log_floor), log_floor)
+
+        # −log(pos / (pos + Ng)) = log(1 + Ng / pos), written to stay exact when it is tiny
+        log_ng_over_pos = log_ng - log_pos
+        return torch.logaddexp(torch.zeros_like(log_ng_over_pos), log_ng_over_pos).mean()
+
+
+def _cauchy_schwarz_divergence(columns: Tensor, kernel: Tensor) -> Tensor:
+    """d_cs: 2/(K(K−1)) Σ_{i<j} α_iᵀKα_j / sqrt(α_iᵀKα_i · α_jᵀKα_j), floors as DDC's code."""
+    k = columns.shape[1]
+    inner = columns.T @ kernel @ columns  # (K, K): α_iᵀ K α_j
+    norms = torch.diagonal(inner)  # taken before the floor
+    ratio = inner.clamp_min(_DCS_MIN_INNER) / torch.sqrt(
+        (norms[:, None] * norms[None, :]).clamp_min(_DCS_MIN_NORM_PRODUCT)
+    )
+    return ratio.triu(diagonal=1).sum() * (2.0 / (k * (k - 1)))
+
+
+def ddc_loss(assignments: Tensor, hidden: Tensor) -> dict[str, Tensor]:
+    """Deep divergence-based clustering loss (Kampffmeyer et al., "Deep Divergence-Based
+    Approach to Clustering", Neural Networks 2019).
+
+    assignments: (n, K) softmax outputs A; hidden: (n, h) hidden layer H of the clustering
+    head. Returns scalars {"l1": d_cs(A), "l2": mean off-diagonal (AAᵀ)_ab, "l3": d_cs(M),
+    "total": l1 + l2 + l3} with M_aj = exp(−‖A_a − e_j‖²).
+
+    Kernel K_ab = exp(−D_ab / (2σ²)), D_ab = ‖H_a − H_b‖². σ² = 0.15 · torch.median(D) over all
+    n² entries, diagonal zeros included (torch.median: the lower of the two middle values),
+    detached and floored at 1e-9, as in the DDC authors' code. In d_cs each α_iᵀKα_j is floored
+    at 1e-9 and each product α_iᵀKα_i · α_jᵀKα_j at 1e-18 before the square root, so an empty
+    cluster contributes 1e-9 / 1e-9 = 1 instead of 0/0.
+    """
+    if assignments.ndim != 2 or hidden.ndim != 2 or assignments.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"ddc_loss: assignments (n, K) and hidden (n, h) must share n, got "
+            f"{tuple(assignments.shape)} and {tuple(hidden.shape)}"
+        )
+    n, k = assignments.shape
+    if n < 2 or k < 2:
+        raise ValueError(f"ddc_loss: needs n >= 2 samples and K >= 2 clusters, got n={n}, K={k}")
+    with torch.autocast(assignments.device.type, enabled=False):
+        a = assignments.to(_loss_dtype(assignments))
+        h = hidden.to(a.dtype)
+        squared = h.square().sum(dim=1)
+        distance = (squared[:, None] + squared[None, :] - 2.0 * h @ h.T).clamp_min(0.0)
+        # Exact zeros on the diagonal: the expansion leaves rounding there, which a floored σ²
+        # would turn into K_aa < 1.
+        eye = torch.eye(n, dtype=torch.bool, device=h.device)
+        pass
+        sigma2 = (_DDC_SIGMA_SCALE * distance.detach().median()).clamp_min(_DDC_MIN_SIGMA2)
+        kernel = torch.exp(-distance / (2.0 * sigma2))
+
+        l1 = _cauchy_schwarz_divergence(a, kernel)
+        l2 = (a @ a.T).triu(diagonal=1).sum() * (2.0 / (n * (n - 1)))
+        # ‖A_a − e_j‖² = ‖A_a‖² − 2 A_aj + 1
+        corners = torch.exp(-(a.square().sum(dim=1, keepdim=True) - 2.0 * a + 1.0))
+        l3 = _cauchy_schwarz_divergence(corners, kernel)
+    return {"l1": l1, "l2": l2, "l3": l3, "total": l1 + l2 + l3}
+
+
+def pooled_tau_plus(assignments: Tensor, cluster_proportions: Tensor) -> Tensor:
+    """Per-anchor debiasing prior of the statistics pooling block (ours, method.md).
+
+    Under imbalance the chance that a negative shares the anchor's class depends on the
+    anchor's cluster: tau_plus_i = Σ_k A_ik · π_k. assignments: (2B, K), both views' anchors in
+    dcl_loss's order; cluster_proportions: (K,) π summing to 1. Returns (2B,), detached (a prior,
+    not something to optimise), clamped to [0, 0.999] so that dcl_loss's 1 − tau_plus stays > 0.
+    """
+    if (
+        assignments.ndim != 2
+        or cluster_proportions.ndim != 1
+        or assignments.shape[1] != cluster_proportions.shape[0]
+    ):
+        raise ValueError(
+            f"pooled_tau_plus: assignments (2B, K) and cluster_proportions (K,) must share K, "
+            f"got {tuple(assignments.shape)} and {tuple(cluster_proportions.shape)}"
+        )
+    prior = assignments.detach() @ cluster_proportions.detach().to(assignments.dtype)
+    return prior.clamp(0.0, 0.999)

@@ -1,0 +1,187 @@
+"""The Ray Train edge: ``python -m jdcl_ray.train --config FILE [--set k=v ...] [--output DIR] [--resume]``.
+
+Ray starts locally unless ``--address`` / ``RAY_ADDRESS`` names a cluster. The data is read
+once by the driver (so a bad path fails in one line before any worker starts) and shipped to
+the workers through Ray's object store, so only the driver needs the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jdcl_ray.config import Config, from_dict, load_config, save_config
+from jdcl_ray.engine import RunData, fit, prepare_data, worker_context
+from jdcl_ray.errors import UserError, run_cli
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
+TRAIN_DIR = "train"
+
+
+def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """A checkpoint's training state; weights_only=True so a checkpoint can't run code."""
+    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Runs in every Ray Train worker (torch.distributed is already set up by TorchTrainer)."""
+    import ray
+    import ray.train
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no per-report log lines
+    config = from_dict(loop_config["config"])
+    data: RunData = ray.get(loop_config["data"])
+    ctx = worker_context(config.run.use_gpu)
+    checkpoint = ray.train.get_checkpoint()
+    restored = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            restored = load_state(folder)
+
+    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / STATE_FILE)
+            (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    # Train V2 routes worker prints through its logger: log once, through logging.
+    return fit(config, data, ctx, report, restored, log=logging.getLogger("jdcl_ray").info)
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to a cluster when one is named, else start Ray in-process on this machine."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        # The dashboard hosts the State API that Train uses to clean up stopped runs.
+        ray.init(dashboard_host="127.0.0.1")
+
+
+def run_training(config: Config, output: Path, data: RunData) -> dict[str, Any]:
+    """Fit one data-parallel run into ``output``; returns the last epoch's metrics."""
+    import ray
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchTrainer
+
+    run = config.run
+    resources = {"CPU": run.cpus_per_worker}
+    if run.use_gpu:
+        resources["GPU"] = run.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.to_dict(), "data": ray.put(data)},
+        scaling_config=ScalingConfig(
+            num_workers=run.workers, use_gpu=run.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=TRAIN_DIR,
+            storage_path=str(output),
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+def print_summary(metrics: dict[str, Any], output: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"jdcl-ray: epoch {metrics.get('epoch', -1) + 1}")
+    table.add_column("split")
+    keys = ("acc", "caa", "macro_f1", "nmi", "ari", "tail_acc")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for split in ("train", "test"):
+        if f"{split}/acc" in metrics:
+            table.add_row(split, *(f"{metrics[f'{split}/{k}']:.3f}" for k in keys))
+    console = Console()
+    console.print(table)
+    extras = {k: metrics[k] for k in ("knn_acc", "selection_score", "images_per_s") if k in metrics}
+    console.print(", ".join(f"{k} {v:.3f}" for k, v in extras.items()))
+    console.print(f"metrics: {output / METRICS_FILE}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jdcl_ray.train", description=__doc__)
+    parser.add_argument("--config", type=Path, help="YAML training config (configs/*.yaml)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set loss.temperature=0.2 (repeatable)",
+    )
+    parser.add_argument("--output", type=Path, help="run folder (default: run.output_dir)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the stopped run in --output"
+    )
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    return parser.parse_args(argv)
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The config and output folder of a new run, or of the run that ``--resume`` continues."""
+    if args.resume:
+        if args.output is None:
+            raise UserError("--resume needs --output: the folder of the run to continue")
+        saved = args.output / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"--resume: {saved} does not exist: expected the folder of a run")
+        config = load_config(saved, args.set)
+        return config, args.output.resolve()
+    if args.config is None:
+        raise UserError("--config is required: e.g. --config configs/digits_lt.yaml")
+    config = load_config(args.config, args.set)
+    output = (args.output or Path(config.run.output_dir)).resolve()
+    if (output / TRAIN_DIR).exists():
+        raise UserError(
+            f"--output {output} already holds a run: pass --resume to continue it, "
+            f"or choose another folder"
+        )
+    return config, output
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config, output = resolve_run(args)
+    data = prepare_data(config)
+    output.mkdir(parents=True, exist_ok=True)
+    save_config(config, output / "config.yaml")
+    import numpy as np
+
+    np.save(output / "lt_indices.npy", data.lt_indices)
+    init_ray(args.address)
+    metrics = run_training(config, output, data)
+    (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    print_summary(metrics, output)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
