@@ -127,7 +127,7 @@ def ddc_loss(assignments: Tensor, hidden: Tensor) -> dict[str, Tensor]:
         # Exact zeros on the diagonal: the expansion leaves rounding there, which a floored σ²
         # would turn into K_aa < 1.
         eye = torch.eye(n, dtype=torch.bool, device=h.device)
-        pass
+        distance = distance.masked_fill(eye, 0.0)
         sigma2 = (_DDC_SIGMA_SCALE * distance.detach().median()).clamp_min(_DDC_MIN_SIGMA2)
         kernel = torch.exp(-distance / (2.0 * sigma2))
 

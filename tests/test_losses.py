@@ -121,9 +121,7 @@ def test_dcl_orthonormal_aligned_views_clamp_inactive() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("temperature", [0.05, 0.1])
-def test_dcl_orthonormal_aligned_views_clamp_active(
-    temperature: float, dtype: torch.dtype
-) -> None:
+def test_dcl_orthonormal_aligned_views_clamp_active(temperature: float, dtype: torch.dtype) -> None:
     # As above with t ≤ 0.1: 4 − 0.1 · 4 e^(1/t) < 0, so Ng = 4 e^(−1/t) and
     # L = log(1 + 4 e^(−2/t)) ≈ 1.7e-17 at t = 0.05: log space must keep it, not round it to 0.
     z = torch.eye(3, 4, dtype=dtype)
@@ -229,7 +227,10 @@ def _ddc_reference(assignments: torch.Tensor, hidden: torch.Tensor) -> dict[str,
     l2 = sum(a[x] @ a[y] for x in range(n) for y in range(x + 1, n)) * 2 / (n * (n - 1))
     corner = torch.eye(k, dtype=a.dtype)
     m = torch.stack(
-        [torch.stack([torch.exp(-((a[x] - corner[j]) ** 2).sum()) for j in range(k)]) for x in range(n)]
+        [
+            torch.stack([torch.exp(-((a[x] - corner[j]) ** 2).sum()) for j in range(k)])
+            for x in range(n)
+        ]
     )
     l1, l3 = d_cs(a), d_cs(m)
     return {"l1": l1, "l2": l2, "l3": l3, "total": l1 + l2 + l3}
