@@ -33,7 +33,9 @@ _LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _BLUR_MIN_SIDE = 96
 _BLUR_SIGMA = (0.1, 2.0)
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
-_HUE_TRAPEZOID = ((3.0, 1.0, -1.0), (2.0, -1.0, 2.0), (4.0, -1.0, 2.0))  # centre, slope, base
+_HUE_SCRATCH = 6  # planes adjust_hue_ works in
+_CPU_CHUNK_PIXELS = 2**18  # pixels per image plane of a CPU colour chunk (1 MB of float32)
+_HUE_TRAPEZOID = ((3.0, 1.0), (2.0, -1.0), (4.0, -1.0))  # centre and slope for red, green, blue
 # Columns of the one uniform draw per view.
 _AREA, _RATIO, _X, _Y, _FLIP, _JITTER, _GRAY, _BLUR, _SIGMA = range(9)
 _FACTORS = slice(9, 13)  # brightness, contrast, saturation, hue
@@ -47,21 +49,17 @@ class AugmentConfig:
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (
-        0.4,
-        0.4,
-        0.4,
-        0.1,
-    )  # brightness, contrast, sat, hue
+    # ColorJitter's brightness, contrast, saturation, hue
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur: bool | None = None  # None: blur when the output side is >= 96 px
     blur_p: float = 0.5
 
     def __post_init__(self) -> None:
-        lo, hi = _pair(self.crop_scale, "crop_scale")
-        if not 0 < lo <= hi <= 1:
-            _bad("crop_scale", self.crop_scale, "(min, max) with 0 < min <= max <= 1")
+        scale = self.crop_scale
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            _bad("crop_scale", scale, "(min, max) with 0 < min <= max <= 1")
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
@@ -80,12 +78,6 @@ def _bad(name: str, value: object, expected: str) -> None:
     raise UserError(f"augment.{name}={value!r} is out of range: expected {expected}")
 
 
-def _pair(value: tuple[float, float], name: str) -> tuple[float, float]:
-    if len(value) != 2:
-        _bad(name, value, "a pair (min, max)")
-    return value
-
-
 @dataclass(frozen=True)
 class AugmentParams:
     """Random parameters of one view, one row per image (identity: box (0, 0, 1, 1), no flip,
@@ -99,9 +91,11 @@ class AugmentParams:
     blur_sigma: torch.Tensor  # (B,) 0 where the image is not blurred
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
+def to_float(images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 images to float32 in [0, 1]: the un-augmented evaluation path."""
-    return images.to(torch.float32).div_(255)
+    if out is None:
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    return out.copy_(images).div_(255)
 
 
 class BatchAugment(torch.nn.Module):
@@ -109,6 +103,11 @@ class BatchAugment(torch.nn.Module):
 
     ``output_size`` (int or (height, width)) defaults to the input's size. For grey images only
     brightness and contrast act: saturation, hue and grayscale leave them unchanged.
+
+    Scratch tensors are kept between calls (the float input, the sampling grid and six colour
+    planes: 26 MB for two views of 512 images of 32 px): fresh multi-MB CPU tensors cost page
+    faults that rival the arithmetic, as glibc returns them to the OS when freed. So one module
+    must not run in two threads at once.
     """
 
     def __init__(
@@ -117,28 +116,27 @@ class BatchAugment(torch.nn.Module):
         output_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        if output_size is not None:
-            size = (output_size, output_size) if isinstance(output_size, int) else output_size
-            if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-                _bad("output_size", output_size, "a positive int or (height, width)")
-            output_size = tuple(size)
         self.config = config
-        self.output_size = output_size
+        self.output_size = None if output_size is None else _size_pair(output_size)
+        self._scratch: dict[str, torch.Tensor] = {}
 
     def forward(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        """One augmented view; ``generator`` must live on the images' device."""
         _check(images)
-        return self.apply(to_float(images), self.sample(images, generator))
+        return self.apply(self._float(images), self.sample(images, generator))
 
     def two_views(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two independently augmented views, sharing one uint8-to-float conversion."""
+        """Two independently augmented views, made as one batch of 2B images (the batch twice):
+        half the op calls, and one output allocation instead of two."""
         _check(images)
-        x = to_float(images)
-        first = self.apply(x, self.sample(images, generator))
-        return first, self.apply(x, self.sample(images, generator))
+        batch = images.shape[0]
+        x = self._float(images, copies=2)
+        both = self.apply(x, self.sample(x, generator))
+        return both[:batch], both[batch:]
 
     def sample(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -171,7 +169,7 @@ class BatchAugment(torch.nn.Module):
             box=box,
             flip=u[:, _FLIP] < cfg.flip_p,
             factors=factors,
-            order=u[:, _ORDER].argsort(dim=1).argsort(dim=1),
+            order=u[:, _ORDER].argsort(dim=1),  # a uniform permutation, read as positions
             grayscale=u[:, _GRAY] < cfg.grayscale_p,
             blur_sigma=sigma.masked_fill_(u[:, _BLUR] >= cfg.blur_p, 0),
         )
@@ -179,14 +177,59 @@ class BatchAugment(torch.nn.Module):
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Augment float images in [0, 1] with given parameters; ``images`` is not modified."""
         size = self.output_size or tuple(images.shape[-2:])
-        x = resized_crop(images, params.box, params.flip, size)
-        jitter_(x, params.factors, params.order)
-        if x.shape[1] == 3:
-            x.lerp_(_luma(x).expand_as(x), params.grayscale.to(x.dtype).view(-1, 1, 1, 1))
-        blur = self.config.blur
-        if blur or (blur is None and min(size) >= _BLUR_MIN_SIDE):
-            x = gaussian_blur(x, params.blur_sigma)
+        batch = images.shape[0]
+        grid = self._buffer("grid", (batch, *size, 2), images)
+        x = resized_crop(images, params.box, params.flip, size, grid=grid)
+        # Colour and blur make ~60 passes over the pixels: on CPU, run them on chunks whose planes
+        # stay in cache (1.3x faster at 512 images of 32 px); on a GPU, on the whole batch.
+        step = max(1, _CPU_CHUNK_PIXELS // math.prod(size)) if x.device.type == "cpu" else batch
+        scratch = self._buffer("planes", (_HUE_SCRATCH, min(step, batch), 1, *size), images)
+        to_grey = params.grayscale.to(x.dtype).view(-1, 1, 1, 1)
+        blurs = self.config.blur
+        blurs = blurs or (blurs is None and min(size) >= _BLUR_MIN_SIDE)
+        for start in range(0, batch, step):
+            chunk = x[start : start + step]
+            part, planes = slice(start, start + len(chunk)), scratch[:, : len(chunk)]
+            jitter_(chunk, params.factors[part], params.order[part], scratch=planes)
+            if chunk.shape[1] == 3:
+                chunk.lerp_(_luma(chunk, out=planes[0]).expand_as(chunk), to_grey[part])
+            if blurs:
+                chunk.copy_(gaussian_blur(chunk, params.blur_sigma[part]))
         return x
+
+    def _float(self, images: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """``images`` as float32, ``copies`` times along the batch, in a kept buffer."""
+        batch = images.shape[0]
+        shape = (copies * batch, *images.shape[1:])
+        x = self._buffer("input", shape, images, torch.float32)
+        to_float(images, out=x[:batch])
+        x.view(copies, *images.shape)[1:] = x[:batch]
+        return x
+
+    def _buffer(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        like: torch.Tensor,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """The scratch tensor ``name``, reallocated only when shape, dtype or device change."""
+        dtype = dtype or like.dtype
+        kept = self._scratch.get(name)
+        if kept is None or kept.shape != shape or kept.dtype != dtype or kept.device != like.device:
+            kept = self._scratch[name] = torch.empty(shape, dtype=dtype, device=like.device)
+        return kept
+
+
+def _size_pair(size: object) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else size
+    if not (
+        isinstance(pair, (tuple, list))
+        and len(pair) == 2
+        and all(isinstance(side, int) and side > 0 for side in pair)
+    ):
+        _bad("output_size", size, "a positive int or (height, width)")
+    return tuple(pair)
 
 
 def _check(images: torch.Tensor) -> None:
@@ -198,38 +241,46 @@ def _check(images: torch.Tensor) -> None:
 
 
 def resized_crop(
-    images: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: tuple[int, int]
+    images: torch.Tensor,
+    box: torch.Tensor,
+    flip: torch.Tensor,
+    size: tuple[int, int],
+    grid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Crop each image to its box (fractions x0, y0, w, h), flip where asked, resize to ``size``:
-    one bilinear ``grid_sample`` for the batch."""
-    batch = images.shape[0]
+    one bilinear ``grid_sample`` for the batch. ``grid``: optional scratch (B, *size, 2)."""
+    if grid is None:
+        grid = images.new_empty(images.shape[0], *size, 2)
     x0, y0, w, h = box.unbind(1)
     # grid_sample's coordinates (align_corners=False): -1 and 1 are the outer pixel edges.
     width = torch.where(flip, -w, w)
     centre_x = 2 * x0 + w - 1
     centre_y = 2 * y0 + h - 1
-    grid = torch.empty(batch, *size, 2, device=images.device)
-    grid[..., 0] = torch.addcmul(
-        centre_x[:, None], width[:, None], _pixel_centres(size[1], images.device)
-    )[:, None, :]
-    grid[..., 1] = torch.addcmul(
-        centre_y[:, None], h[:, None], _pixel_centres(size[0], images.device)
-    )[:, :, None]
+    xs = torch.addcmul(centre_x[:, None], width[:, None], _pixel_centres(size[1], images))
+    ys = torch.addcmul(centre_y[:, None], h[:, None], _pixel_centres(size[0], images))
+    grid[..., 0] = xs[:, None, :]
+    grid[..., 1] = ys[:, :, None]
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _pixel_centres(n: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(n, device=device, dtype=torch.float32).mul_(2).add_(1).div_(n).sub_(1)
+def _pixel_centres(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=like.device, dtype=like.dtype).mul_(2).add_(1).div_(n).sub_(1)
 
 
-def jitter_(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def jitter_(
+    images: torch.Tensor,
+    factors: torch.Tensor,
+    order: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
     """ColorJitter in place with per-image factors (B, 4) applied in per-image order (B, 4).
 
     Brightness, contrast and saturation each blend towards a target (black, the mean grey, the
     pixel's grey) and clip, so one stage code does all three. Each image's blends before its hue
     shift go right-aligned into stages 0-2, those after it left-aligned into stages 3-5, with the
     hue shift of the whole batch between; unused stages blend with factor 1 (identity).
-    Grey images have no hue, so three stages suffice.
+    Grey images have no hue, so three stages suffice. ``scratch``: optional (6, B, 1, H, W),
+    its first plane holding the grey between stages and all six lent to the hue shift.
     """
     rgb = images.shape[1] == 3
     hue_pos = order[:, 3:]
@@ -245,64 +296,82 @@ def jitter_(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
         .transpose(1, 2)
         .reshape(3, n_stages, -1, 1, 1, 1)
     )
+    if scratch is None:
+        scratch = images.new_empty(_HUE_SCRATCH, images.shape[0], 1, *images.shape[2:])
+    grey = scratch[0]
     for s in range(n_stages):
         if rgb and s == 3:
-            adjust_hue_(images, factors[:, 3])
-        grey = _luma(images) if rgb else images
+            adjust_hue_(images, factors[:, 3], scratch=scratch)
+        _luma(images, out=grey)
         mean = grey.mean(dim=(1, 2, 3), keepdim=True).mul_(mean_weight[s])
-        target = torch.addcmul(mean, grey, grey_weight[s])
-        torch.addcmul(target, images, factor[s], out=images).clamp_(0, 1)
+        grey.mul_(grey_weight[s]).add_(mean)  # the blend's target times 1 - factor
+        torch.addcmul(grey, images, factor[s], out=images).clamp_(0, 1)
     return images
 
 
-def adjust_hue_(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def adjust_hue_(
+    images: torch.Tensor, shift: torch.Tensor, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """torchvision's HSV hue shift in place, per-image ``shift`` (B,) in [-0.5, 0.5].
 
     Value (max) and chroma (max - min) are kept; six times the hue moves by 6 * shift and each
-    channel is min + chroma * a trapezoid of it (the hexcone), with no HSV tensor. Float ops
-    only: ``torch.where`` and bool masks are several times slower on CPU.
+    channel is min + chroma * a trapezoid of it (the hexcone), with no HSV tensor. In-place float
+    ops on one scratch tensor: ``torch.where``, bool masks and fresh temporaries are several
+    times slower on CPU. ``scratch``: optional (6, B, 1, H, W).
     """
     r, g, b = images.unbind(1)
-    high = torch.maximum(r, g)
-    torch.maximum(high, b, out=high)
-    low = torch.minimum(r, g)
-    torch.minimum(low, b, out=low)
-    chroma = high - low
-    # Six times the hue, from the largest channel (red, else green, else blue; ties agree);
+    if scratch is None:
+        scratch = images.new_empty(_HUE_SCRATCH, *r.shape)
+    high, low, chroma, h6, tmp, largest = scratch.view(_HUE_SCRATCH, *r.shape).unbind(0)
+    torch.maximum(torch.maximum(r, g, out=high), b, out=high)
+    torch.minimum(torch.minimum(r, g, out=low), b, out=low)
+    torch.sub(high, low, out=chroma)
+    # Six times the hue from the largest channel (red, else green, else blue; ties agree):
     # sign(high - x) is 0 where x is the largest, else 1, which lerp turns into a selection.
-    h6 = torch.sub(b, r).add_(chroma, alpha=2)
-    h6.lerp_(torch.sub(r, g).add_(chroma, alpha=4), torch.sub(high, g).sign_())
-    h6 = torch.sub(g, b).lerp_(h6, high.sub_(r).sign_())
-    h6.div_(chroma.clamp(min=1e-12)).add_(shift.view(-1, 1, 1), alpha=6)
-    h6.sub_(h6.div(6).floor_().mul_(6))
-    # red = clip(|h6 - 3| - 1), green = clip(2 - |h6 - 2|), blue = clip(2 - |h6 - 4|), each
-    # written as low + base * chroma + slope * chroma * clamp(|h6 - centre|, 1, 2).
-    for channel, (centre, slope, base) in zip(images.unbind(1), _HUE_TRAPEZOID, strict=True):
-        ramp = torch.sub(h6, centre).abs_().clamp_(1, 2)
-        torch.addcmul(torch.add(low, chroma, alpha=base), chroma, ramp, value=slope, out=channel)
+    torch.sub(b, r, out=tmp).add_(chroma, alpha=2)
+    torch.sub(r, g, out=h6).add_(chroma, alpha=4)
+    tmp.lerp_(h6, torch.sub(high, g, out=largest).sign_())
+    torch.sub(g, b, out=h6).lerp_(tmp, high.sub_(r).sign_())
+    h6.div_(chroma.clamp_(min=1e-12)).add_(shift.view(-1, 1, 1), alpha=6)
+    h6.sub_(torch.div(h6, 6, out=tmp).floor_(), alpha=6)  # wrap into [0, 6)
+    # red = low + chroma * clip(|h6 - 3| - 1) = low - chroma + chroma * clamp(|h6 - 3|, 1, 2),
+    # green = low + chroma * clip(2 - |h6 - 2|) = low + 2 chroma - chroma * clamp(|h6 - 2|, 1, 2),
+    # blue likewise around 4.
+    red_base, green_blue_base = torch.sub(low, chroma, out=high), largest
+    torch.add(low, chroma, alpha=2, out=green_blue_base)
+    bases = (red_base, green_blue_base, green_blue_base)
+    for channel, base, (centre, slope) in zip((r, g, b), bases, _HUE_TRAPEZOID, strict=True):
+        torch.sub(h6, centre, out=tmp).abs_().clamp_(1, 2)
+        torch.addcmul(base, chroma, tmp, value=slope, out=channel)
     return images
 
 
-def _luma(images: torch.Tensor) -> torch.Tensor:
+def _luma(images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's rgb_to_grayscale (B, 1, H, W); a copy for grey images."""
+    if out is None:
+        out = images.new_empty(images.shape[0], 1, *images.shape[2:])
+    if images.shape[1] == 1:
+        return out.copy_(images)
     r, g, b = images.unbind(1)
-    return torch.mul(r, _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+    grey = out.squeeze(1)
+    torch.mul(r, _LUMA[0], out=grey).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2])
+    return out
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur with per-image ``sigma`` (B,), 0 meaning none; kernel 10% of each
-    side (odd), reflect padding."""
-    batch, channels, height, width = images.shape
-    x = images.reshape(1, batch * channels, height, width)
-    sigma = sigma.repeat_interleave(channels)
-    for dim, side in ((2, height), (3, width)):
-        size = int(0.1 * side) // 2 * 2 + 1
-        taps = torch.arange(size, device=images.device, dtype=images.dtype) - size // 2
-        kernel = torch.exp(-0.5 * (taps / sigma.clamp(min=1e-6)[:, None]) ** 2)
-        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).view(-1, 1, *_axis(size, dim))
-        pad = (0, 0, size // 2, size // 2) if dim == 2 else (size // 2, size // 2, 0, 0)
-        x = F.conv2d(F.pad(x, pad, mode="reflect"), kernel, groups=batch * channels)
-    return x.view_as(images)
-
-
-def _axis(size: int, dim: int) -> tuple[int, int]:
-    return (size, 1) if dim == 2 else (1, size)
+    side (odd), reflect padding. One multiply-add per tap: a grouped ``conv2d`` with a kernel per
+    image is 10x slower on CPU."""
+    x = images
+    for dim in (2, 3):
+        side = images.shape[dim]
+        half = int(0.1 * side) // 2
+        taps = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
+        weights = torch.exp(-0.5 * (taps / sigma.clamp(min=1e-6)[:, None]) ** 2)
+        weights = (weights / weights.sum(dim=1, keepdim=True)).view(-1, 2 * half + 1, 1, 1, 1)
+        pad = (0, 0, half, half) if dim == 2 else (half, half, 0, 0)
+        padded = F.pad(x, pad, mode="reflect")
+        x = padded.narrow(dim, 0, side) * weights[:, 0]
+        for tap in range(1, 2 * half + 1):
+            x.addcmul_(padded.narrow(dim, tap, side), weights[:, tap])
+    return x

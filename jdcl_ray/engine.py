@@ -149,7 +149,7 @@ def joint_loss(
     epoch: int,
 ) -> dict[str, Tensor]:
     """The joint objective on the global batch: L = L_dcl + clustering_weight · L_ddc."""
-    out = model(torch.cat([view1, view2]))
+    out = model(torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last))
     local = view1.shape[0]
     # One collective per step: pack z | A | H of both views, gather, unpack.
     packed = torch.cat(
@@ -191,6 +191,7 @@ def embed(
     parts: dict[str, list[Tensor]] = {"features": [], "assignments": [], "hidden": [], "ood": []}
     for start in range(0, len(images), batch_size):
         batch = to_float(images[start : start + batch_size].to(device, non_blocking=True))
+        batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device):
             out = model(batch)
         features = out.features.float()
@@ -298,9 +299,10 @@ def fit(
             f"config key 'optim.batch_size' = {global_batch} is larger than the {num_images} "
             f"training images of {data.train.name}"
         )
-    model = build_model(config, data.train.images.shape[1]).to(ctx.device)
-    if ctx.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels-last: faster convolutions on GPU (tensor cores) and on CPU (oneDNN) alike.
+    model = build_model(config, data.train.images.shape[1]).to(
+        ctx.device, memory_format=torch.channels_last
+    )
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     start_epoch = 0
@@ -331,9 +333,6 @@ def fit(
             first = step * global_batch + ctx.rank * local_batch
             batch = images[order[first : first + local_batch]]
             view1, view2 = augment.two_views(batch, generator=views_rng)
-            if ctx.device.type == "cuda":
-                view1 = view1.contiguous(memory_format=torch.channels_last)
-                view2 = view2.contiguous(memory_format=torch.channels_last)
             with autocast(ctx.device):
                 losses = joint_loss(wrapped, model, view1, view2, config, epoch)
             optimizer.zero_grad(set_to_none=True)

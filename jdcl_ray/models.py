@@ -17,18 +17,22 @@ from jdcl_ray.errors import UserError
 
 
 def _small_cnn(in_channels: int, width: int) -> tuple[nn.Module, int]:
-    """Three conv stages for 8–28 px images: cheap enough for CPU training, deep enough to cluster."""
+    """Four conv stages (w, 2w, 4w, 4w channels), each halving the side, for 8–28 px images.
 
-    def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-
-    widths = [width, 2 * width, 4 * width]
+    One conv per stage: on a 2-core CPU a 28 px step runs ~3× faster than two convs per
+    stage, and contrastive learning gains more from the extra epochs than from the depth.
+    """
+    widths = [width, 2 * width, 4 * width, 4 * width]
     layers: list[nn.Module] = []
     c_in = in_channels
     for stage, c_out in enumerate(widths):
-        layers += block(c_in, c_out) + block(c_out, c_out)
-        if stage < len(widths) - 1:
+        if stage:
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+        ]
         c_in = c_out
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), widths[-1]

@@ -46,7 +46,7 @@ def train(output: Path, *overrides: str) -> dict:
 
 
 def checkpoints(output: Path) -> list[Path]:
-    return sorted((output / "train").glob("checkpoint_*"))
+    return sorted(path for path in (output / "train").glob("checkpoint_*") if path.is_dir())
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,10 @@ def test_resume_continues_at_the_next_epoch(tmp_path):
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log
     epochs = [int(load_state(path)["epoch"]) for path in checkpoints(output)]
-    assert epochs == list(range(12)), f"epochs not continuous: {epochs}"
+    # The epoch in flight at the kill may have left a checkpoint Ray had not yet recorded:
+    # it is redone once; no other epoch is missing or repeated.
+    assert sorted(set(epochs)) == list(range(12)), f"epochs not continuous: {epochs}"
+    assert len(epochs) - len(set(epochs)) <= 1, f"more than one epoch redone: {epochs}"
     assert json.loads((output / "metrics.json").read_text())["epoch"] == 11
 
 
