@@ -36,7 +36,11 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray
     import ray.train
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no per-report log lines
+    # Ray 2.60 logs every report at INFO under a logger named by its file path, outside
+    # "ray.train", so LoggingConfig can't quiet it: without this, one long line per rank per epoch.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     config = from_dict(loop_config["config"])
     data: RunData = ray.get(loop_config["data"])
     ctx = worker_context(config.run.use_gpu)

@@ -48,10 +48,11 @@ def identity_params(x: torch.Tensor, **changes: torch.Tensor) -> AugmentParams:
 )  # fmt: skip
 def test_shape_dtype_and_range(channels, input_hw, output_size, expected_hw):
     x = images(6, channels, *input_hw)
-    out = BatchAugment(output_size=output_size)(x, seeded(0))
-    assert out.shape == (6, channels, *expected_hw)
-    assert out.dtype == torch.float32
-    assert out.min() >= 0 and out.max() <= 1
+    aug = BatchAugment(output_size=output_size)
+    for out in (aug(x, seeded(0)), *aug.two_views(x, seeded(0))):
+        assert out.shape == (6, channels, *expected_hw)
+        assert out.dtype == torch.float32
+        assert out.min() >= 0 and out.max() <= 1
 
 
 def test_to_float_matches_torchvision():
@@ -221,22 +222,35 @@ TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.
 
 
 def torchvision_jitter(img: torch.Tensor, factors: torch.Tensor, order: torch.Tensor):
-    """ColorJitter on one image: op j runs at position order[j]."""
+    """ColorJitter on one image: op j runs at position order[j], clipping after each op."""
     for op in order.argsort().tolist():
         img = TV_JITTER[op](img, float(factors[op]))
     return img
 
 
-def jitter_case(channels: int, factors: torch.Tensor, order: torch.Tensor, atol: float):
-    x = images(len(factors), channels, 12, 10, seed=1)
+def unclipped_blend(img: torch.Tensor, op: int, factor: float) -> torch.Tensor:
+    grey = TF.rgb_to_grayscale(img) if img.shape[0] == 3 else img
+    target = (torch.zeros_like(img), grey.mean().expand_as(img), grey.expand_as(img))[op]
+    return factor * img + (1 - factor) * target
+
+
+def clip_once_jitter(img: torch.Tensor, factors: torch.Tensor, order: torch.Tensor):
+    """The documented semantics: the blends on each side of the hue shift clip once, at the end
+    (grey images have no hue shift, so all their blends clip once)."""
+    for op in order.argsort().tolist():
+        if op < 3:
+            img = unclipped_blend(img, op, float(factors[op]))
+        elif img.shape[0] == 3:
+            img = TF.adjust_hue(img.clamp(0, 1), float(factors[3]))
+    return img.clamp(0, 1)
+
+
+def jitter_case(x, factors, order, reference_fn, atol: float):
     out = BatchAugment(IDENTITY).apply(
         to_float(x), identity_params(x, factors=factors, order=order)
     )
     reference = torch.stack(
-        [
-            torchvision_jitter(img, f, o)
-            for img, f, o in zip(to_float(x), factors, order, strict=True)
-        ]
+        [reference_fn(img, f, o) for img, f, o in zip(to_float(x), factors, order, strict=True)]
     )
     torch.testing.assert_close(out, reference, rtol=0, atol=atol)
 
@@ -248,17 +262,37 @@ def test_each_jitter_op_matches_torchvision(channels, op):
     factors = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(batch, 1)
     factors[:, op] = torch.linspace(-0.5, 0.5, batch) if op == 3 else torch.linspace(0, 2, batch)
     order = torch.arange(4).repeat(batch, 1)
-    jitter_case(channels, factors, order, atol=1e-4 if op == 3 else 1e-6)
+    x = images(batch, channels, 12, 10, seed=1)
+    jitter_case(x, factors, order, torchvision_jitter, atol=1e-4 if op == 3 else 1e-6)
+
+
+def every_order(strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    orders = torch.tensor(list(itertools.permutations(range(4)))).repeat(2, 1)
+    factors = torch.rand(len(orders), 4, generator=seeded(5)) * 2 - 1
+    factors[:, :3] = 1 + strength * factors[:, :3]
+    factors[:, 3] /= 2
+    return factors, orders
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_jitter_in_every_order_matches_torchvision(channels):
-    orders = torch.tensor(list(itertools.permutations(range(4)))).repeat(2, 1)
-    gen = seeded(5)
-    strengths = torch.tensor([1.0, 1.0, 1.0, 0.5])
-    factors = (torch.rand(len(orders), 4, generator=gen) * 2 - 1) * strengths
-    factors[:, :3] += 1
-    jitter_case(channels, factors, orders, atol=1e-4)
+def test_jitter_in_every_order_matches_torchvision_where_nothing_clips(channels):
+    # pixels in [0.3, 0.7] and blend factors within 15% of 1 never leave [0, 1] on the way
+    factors, orders = every_order(strength=0.15)
+    x = images(len(orders), channels, 12, 10, seed=1) // 3 + 77
+    jitter_case(x, factors, orders, torchvision_jitter, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jitter_in_every_order_clips_once_per_side_of_the_hue_shift(channels):
+    factors, orders = every_order(strength=1.0)
+    x = images(len(orders), channels, 12, 10, seed=1)
+    jitter_case(x, factors, orders, clip_once_jitter, atol=1e-4)
+    # ... which torchvision, clipping after every op, does not match everywhere
+    out = BatchAugment(IDENTITY).apply(
+        to_float(x), identity_params(x, factors=factors, order=orders)
+    )
+    clipped = [torchvision_jitter(*a) for a in zip(to_float(x), factors, orders, strict=True)]
+    assert (out - torch.stack(clipped)).abs().max() > 0.05
 
 
 def test_hue_is_exact_on_saturated_colours_and_keeps_greys():

@@ -60,7 +60,7 @@ def test_bad_values_name_the_key_and_value(overrides, key, value):
 
 def test_bad_files_are_one_line_errors(tmp_path):
     missing = tmp_path / "nope.yaml"
-    with pytest.raises(UserError, match="nope.yaml"):
+    with pytest.raises(UserError, match=r"nope\.yaml"):
         load_config(missing)
     broken = tmp_path / "broken.yaml"
     broken.write_text("loss:\n  temperature: [0.5\n")
