@@ -182,9 +182,8 @@ class BatchAugment(torch.nn.Module):
         batch = images.shape[0]
         grid = self._buffer("grid", (batch, *size, 2), images)
         x = resized_crop(images, params.box, params.flip, size, grid=grid)
-        # Colour and blur make ~60 passes over the pixels: on CPU, run them on chunks whose planes
-        # stay in each thread's L2 cache (1.3x faster at 512 images of 32 px); on a GPU, on the
-        # whole batch.
+        # Colour and blur make dozens of passes over the pixels: on CPU, run them on chunks whose
+        # planes stay in each thread's L2 cache; on a GPU, on the whole batch.
         chunk_pixels = _CPU_CHUNK_PIXELS * torch.get_num_threads()
         step = max(1, chunk_pixels // math.prod(size)) if x.device.type == "cpu" else batch
         scratch = self._buffer("planes", (_HUE_SCRATCH, min(step, batch), 1, *size), images)
