@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from jdcl_ray.augment import AugmentConfig
 from jdcl_ray.errors import UserError
 
 
@@ -48,29 +49,6 @@ class DataConfig:
             self.image_size,
             "null or >= 4",
         )
-
-
-@dataclass
-class AugmentSection:
-    """SimCLR augmentation strengths; small grey images want gentler crops than ImageNet's."""
-
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur: bool | None = None
-
-    def validate(self) -> None:
-        low, high = self.crop_scale
-        _check(
-            0 < low <= high <= 1, "augment.crop_scale", list(self.crop_scale), "0 < min <= max <= 1"
-        )
-        for name in ("flip_p", "jitter_p", "grayscale_p"):
-            value = getattr(self, name)
-            _check(0 <= value <= 1, f"augment.{name}", value, "a probability in [0, 1]")
-        _check(all(v >= 0 for v in self.jitter), "augment.jitter", list(self.jitter), ">= 0")
-        _check(self.jitter[3] <= 0.5, "augment.jitter", list(self.jitter), "hue <= 0.5")
 
 
 @dataclass
@@ -195,7 +173,7 @@ class RunConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentSection = field(default_factory=AugmentSection)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # validates itself
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -204,7 +182,9 @@ class Config:
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):
-            getattr(self, section.name).validate()
+            validate = getattr(getattr(self, section.name), "validate", None)
+            if validate is not None:
+                validate()
         batch, workers = self.optim.batch_size, self.run.workers
         if batch % workers:
             raise UserError(

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from jdcl_ray import metrics
-from jdcl_ray.augment import AugmentConfig, BatchAugment, to_float
+from jdcl_ray.augment import BatchAugment, to_float
 from jdcl_ray.config import Config
 from jdcl_ray.data import ImageDataset, load_dataset, sample_long_tail
 from jdcl_ray.distributed import gather_with_grad
@@ -124,20 +124,6 @@ def build_scheduler(
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def augmentation(config: Config) -> BatchAugment:
-    a = config.augment
-    return BatchAugment(
-        AugmentConfig(
-            crop_scale=a.crop_scale,
-            flip_p=a.flip_p,
-            jitter=a.jitter,
-            jitter_p=a.jitter_p,
-            grayscale_p=a.grayscale_p,
-            blur=a.blur,
-        )
-    )
 
 
 def joint_loss(
@@ -317,7 +303,7 @@ def fit(
         wrapped = DistributedDataParallel(
             model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
         )
-    augment = augmentation(config)
+    augment = BatchAugment(config.augment)
     images = data.train.images.to(ctx.device)
     last: dict[str, Any] = {}
     for epoch in range(start_epoch, run.epochs):

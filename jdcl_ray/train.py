@@ -31,6 +31,23 @@ def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def newest_saved_state(output: Path) -> dict[str, Any] | None:
+    """The highest-epoch checkpoint in ``output`` that loads completely, or None.
+
+    Ray records a checkpoint in its snapshot some time after the folder is written; a driver
+    killed in between would make ``--resume`` redo epochs whose checkpoints are on disk.
+    """
+    newest = None
+    for folder in (output / TRAIN_DIR).glob("checkpoint_*"):
+        try:
+            state = load_state(folder)
+        except Exception:  # a folder cut short by the kill: not a checkpoint
+            continue
+        if newest is None or int(state["epoch"]) > int(newest["epoch"]):
+            newest = state
+    return newest
+
+
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Runs in every Ray Train worker (torch.distributed is already set up by TorchTrainer)."""
     import ray
@@ -45,10 +62,12 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     data: RunData = ray.get(loop_config["data"])
     ctx = worker_context(config.run.use_gpu)
     checkpoint = ray.train.get_checkpoint()
-    restored = None
+    restored = ray.get(loop_config["resume_state"])
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            restored = load_state(folder)
+            recorded = load_state(folder)
+        if restored is None or int(recorded["epoch"]) > int(restored["epoch"]):
+            restored = recorded
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         if state is None:
@@ -78,7 +97,9 @@ def init_ray(address: str | None) -> None:
         ray.init(dashboard_host="127.0.0.1")
 
 
-def run_training(config: Config, output: Path, data: RunData) -> dict[str, Any]:
+def run_training(
+    config: Config, output: Path, data: RunData, resume_state: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Fit one data-parallel run into ``output``; returns the last epoch's metrics."""
     import ray
     from ray.train import (
@@ -96,7 +117,11 @@ def run_training(config: Config, output: Path, data: RunData) -> dict[str, Any]:
         resources["GPU"] = run.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(), "data": ray.put(data)},
+        train_loop_config={
+            "config": config.to_dict(),
+            "data": ray.put(data),
+            "resume_state": ray.put(resume_state),
+        },
         scaling_config=ScalingConfig(
             num_workers=run.workers, use_gpu=run.use_gpu, resources_per_worker=resources
         ),
@@ -181,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
     np.save(output / "lt_indices.npy", data.lt_indices)
     init_ray(args.address)
-    metrics = run_training(config, output, data)
+    resume_state = newest_saved_state(output) if args.resume else None
+    metrics = run_training(config, output, data, resume_state)
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     print_summary(metrics, output)
     return 0

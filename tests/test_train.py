@@ -100,6 +100,17 @@ def test_one_worker_and_two_workers_give_the_same_first_step_loss(two_worker_run
         assert one[key] == pytest.approx(two[key], rel=2e-4, abs=1e-5), key
 
 
+def saved_epochs(output: Path) -> list[int]:
+    """Epochs of the complete checkpoints, oldest first (a folder cut short by a kill is skipped)."""
+    epochs = []
+    for path in checkpoints(output):
+        try:
+            epochs.append(int(load_state(path)["epoch"]))
+        except Exception:
+            continue
+    return epochs
+
+
 def run_cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.Popen(
@@ -125,17 +136,14 @@ def test_resume_continues_at_the_next_epoch(tmp_path):
     assert first.poll() is None, "run finished before it could be stopped:\n" + first.stdout.read()
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    stopped_at = [int(load_state(path)["epoch"]) for path in checkpoints(output)]
+    stopped_at = saved_epochs(output)
     assert max(stopped_at) < 11
     resumed = run_cli("--output", str(output), "--resume")
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log
-    epochs = [int(load_state(path)["epoch"]) for path in checkpoints(output)]
-    assert sorted(set(epochs)) == list(range(12)), f"epochs not continuous: {epochs}"
-    assert epochs.count(0) == 1, f"the resumed run started from scratch: {epochs}"
-    # Only epochs whose checkpoints Ray had not yet recorded when the driver died are redone.
-    redone = {epoch for epoch in epochs if epochs.count(epoch) > 1}
-    assert redone <= set(stopped_at), f"epochs {redone} redone, killed after {stopped_at}"
+    epochs = saved_epochs(output)
+    # --resume starts after the newest complete checkpoint on disk: no epoch lost or redone.
+    assert epochs == list(range(12)), f"killed after {stopped_at}, then saved {epochs}"
     assert json.loads((output / "metrics.json").read_text())["epoch"] == 11
 
 
