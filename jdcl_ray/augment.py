@@ -129,16 +129,22 @@ class BatchAugment(torch.nn.Module):
         _check(images)
         return self.apply(self._float(images), self.sample(images, generator))
 
+    def stacked_views(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Two independently augmented views as one (2B, C, H, W) batch, view 1 then view 2,
+        made in one pass (half the op calls, one output): the training step feeds it to the
+        model as is, with no concatenation."""
+        _check(images)
+        x = self._float(images, copies=2)
+        return self.apply(x, self.sample(x, generator))
+
     def two_views(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two independently augmented views, made as one batch of 2B images (the batch twice):
-        half the op calls, and one output allocation instead of two."""
-        _check(images)
-        batch = images.shape[0]
-        x = self._float(images, copies=2)
-        both = self.apply(x, self.sample(x, generator))
-        return both[:batch], both[batch:]
+        """The two views of ``stacked_views`` as separate (B, C, H, W) tensors."""
+        both = self.stacked_views(images, generator)
+        return both[: images.shape[0]], both[images.shape[0] :]
 
     def sample(
         self, images: torch.Tensor, generator: torch.Generator | None = None

@@ -129,14 +129,16 @@ def build_scheduler(
 def joint_loss(
     model: nn.Module,
     pooling_source: JointModel,
-    view1: Tensor,
-    view2: Tensor,
+    views: Tensor,
     config: Config,
     epoch: int,
 ) -> dict[str, Tensor]:
-    """The joint objective on the global batch: L = L_dcl + clustering_weight · L_ddc."""
-    out = model(torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last))
-    local = view1.shape[0]
+    """The joint objective on the global batch: L = L_dcl + clustering_weight · L_ddc.
+
+    ``views``: this worker's (2b, C, H, W) batch, its b first views then its b second views.
+    """
+    out = model(views.contiguous(memory_format=torch.channels_last))
+    local = views.shape[0] // 2
     # One collective per step: pack z | A | H of both views, gather, unpack.
     packed = torch.cat(
         [out.projections.float(), out.assignments, out.cluster_hidden.float()], dim=1
@@ -318,9 +320,9 @@ def fit(
         for step in range(steps_per_epoch):
             first = step * global_batch + ctx.rank * local_batch
             batch = images[order[first : first + local_batch]]
-            view1, view2 = augment.two_views(batch, generator=views_rng)
+            views = augment.stacked_views(batch, generator=views_rng)
             with autocast(ctx.device):
-                losses = joint_loss(wrapped, model, view1, view2, config, epoch)
+                losses = joint_loss(wrapped, model, views, config, epoch)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()

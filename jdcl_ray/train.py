@@ -32,20 +32,26 @@ def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 
 def newest_saved_state(output: Path) -> dict[str, Any] | None:
-    """The highest-epoch checkpoint in ``output`` that loads completely, or None.
+    """The state of the highest-epoch checkpoint in ``output`` that loads completely, or None.
 
     Ray records a checkpoint in its snapshot some time after the folder is written; a driver
     killed in between would make ``--resume`` redo epochs whose checkpoints are on disk.
+    Folders are tried newest first (by the epoch in their metrics file); only one is loaded
+    unless the newest was cut short by the kill.
     """
-    newest = None
+    by_epoch = []
     for folder in (output / TRAIN_DIR).glob("checkpoint_*"):
         try:
-            state = load_state(folder)
-        except Exception:  # a folder cut short by the kill: not a checkpoint
+            epoch = int(json.loads((folder / METRICS_FILE).read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
             continue
-        if newest is None or int(state["epoch"]) > int(newest["epoch"]):
-            newest = state
-    return newest
+        by_epoch.append((epoch, folder))
+    for _, folder in sorted(by_epoch, reverse=True):
+        try:
+            return load_state(folder)
+        except Exception:  # a state file cut short by the kill: try the next older one
+            continue
+    return None
 
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
