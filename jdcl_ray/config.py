@@ -18,7 +18,8 @@ from jdcl_ray.augment import AugmentConfig
 from jdcl_ray.errors import UserError
 
 
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+def check(ok: bool, key: str, value: Any, expected: str) -> None:
+    """Stop with one line naming the key and value unless ``ok``."""
     if not ok:
         raise UserError(f"config key '{key}' = {value!r} is out of range: expected {expected}")
 
@@ -35,15 +36,15 @@ class DataConfig:
     download: bool = False
 
     def validate(self) -> None:
-        _check(self.imbalance_ratio >= 1, "data.imbalance_ratio", self.imbalance_ratio, ">= 1")
-        _check(self.profile in ("exp", "step"), "data.profile", self.profile, "'exp' or 'step'")
-        _check(
+        check(self.imbalance_ratio >= 1, "data.imbalance_ratio", self.imbalance_ratio, ">= 1")
+        check(self.profile in ("exp", "step"), "data.profile", self.profile, "'exp' or 'step'")
+        check(
             self.eval_split in ("test", "train", "none"),
             "data.eval_split",
             self.eval_split,
             "'test', 'train' or 'none'",
         )
-        _check(
+        check(
             self.image_size is None or self.image_size >= 4,
             "data.image_size",
             self.image_size,
@@ -61,10 +62,10 @@ class ModelConfig:
     cluster_hidden: int = 100
 
     def validate(self) -> None:
-        _check(self.num_clusters >= 2, "model.num_clusters", self.num_clusters, ">= 2")
+        check(self.num_clusters >= 2, "model.num_clusters", self.num_clusters, ">= 2")
         for name in ("width", "projection_hidden", "projection_dim", "cluster_hidden"):
             value = getattr(self, name)
-            _check(value >= 1, f"model.{name}", value, ">= 1")
+            check(value >= 1, f"model.{name}", value, ">= 1")
 
 
 @dataclass
@@ -78,25 +79,23 @@ class LossConfig:
     pooling_momentum: float = 0.1
 
     def validate(self) -> None:
-        _check(self.temperature > 0, "loss.temperature", self.temperature, "> 0")
-        _check(0 <= self.tau_plus < 1, "loss.tau_plus", self.tau_plus, "in [0, 1)")
-        _check(self.prior in ("fixed", "pooled"), "loss.prior", self.prior, "'fixed' or 'pooled'")
-        _check(
+        check(self.temperature > 0, "loss.temperature", self.temperature, "> 0")
+        check(0 <= self.tau_plus < 1, "loss.tau_plus", self.tau_plus, "in [0, 1)")
+        check(self.prior in ("fixed", "pooled"), "loss.prior", self.prior, "'fixed' or 'pooled'")
+        check(
             self.prior_warmup_epochs >= 0,
             "loss.prior_warmup_epochs",
             self.prior_warmup_epochs,
             ">= 0",
         )
-        _check(
-            self.clustering_weight >= 0, "loss.clustering_weight", self.clustering_weight, ">= 0"
-        )
-        _check(
+        check(self.clustering_weight >= 0, "loss.clustering_weight", self.clustering_weight, ">= 0")
+        check(
             self.clustering_warmup_epochs >= 0,
             "loss.clustering_warmup_epochs",
             self.clustering_warmup_epochs,
             ">= 0",
         )
-        _check(
+        check(
             0 < self.pooling_momentum <= 1,
             "loss.pooling_momentum",
             self.pooling_momentum,
@@ -115,23 +114,23 @@ class OptimConfig:
     batch_size: int = 256
 
     def validate(self) -> None:
-        _check(
+        check(
             self.optimizer in ("adam", "adamw", "sgd"),
             "optim.optimizer",
             self.optimizer,
             "'adam', 'adamw' or 'sgd'",
         )
-        _check(self.lr > 0, "optim.lr", self.lr, "> 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
-        _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "in [0, 1)")
-        _check(
+        check(self.lr > 0, "optim.lr", self.lr, "> 0")
+        check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "in [0, 1)")
+        check(
             self.schedule in ("cosine", "constant"),
             "optim.schedule",
             self.schedule,
             "'cosine' or 'constant'",
         )
-        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, ">= 0")
-        _check(self.batch_size >= 2, "optim.batch_size", self.batch_size, ">= 2")
+        check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, ">= 0")
+        check(self.batch_size >= 2, "optim.batch_size", self.batch_size, ">= 2")
 
 
 @dataclass
@@ -141,9 +140,9 @@ class EvalConfig:
     every: int = 1
 
     def validate(self) -> None:
-        _check(self.assign in ("head", "kmeans"), "eval.assign", self.assign, "'head' or 'kmeans'")
-        _check(self.knn_k >= 1, "eval.knn_k", self.knn_k, ">= 1")
-        _check(self.every >= 1, "eval.every", self.every, ">= 1")
+        check(self.assign in ("head", "kmeans"), "eval.assign", self.assign, "'head' or 'kmeans'")
+        check(self.knn_k >= 1, "eval.knn_k", self.knn_k, ">= 1")
+        check(self.every >= 1, "eval.every", self.every, ">= 1")
 
 
 @dataclass
@@ -161,13 +160,13 @@ class RunConfig:
     max_failures: int = 2
 
     def validate(self) -> None:
-        _check(self.epochs >= 1, "run.epochs", self.epochs, ">= 1")
-        _check(self.workers >= 1, "run.workers", self.workers, ">= 1")
-        _check(self.cpus_per_worker > 0, "run.cpus_per_worker", self.cpus_per_worker, "> 0")
-        _check(self.gpus_per_worker > 0, "run.gpus_per_worker", self.gpus_per_worker, "> 0")
-        _check(self.checkpoint_every >= 1, "run.checkpoint_every", self.checkpoint_every, ">= 1")
-        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", self.keep_checkpoints, ">= 1")
-        _check(self.max_failures >= 0, "run.max_failures", self.max_failures, ">= 0")
+        check(self.epochs >= 1, "run.epochs", self.epochs, ">= 1")
+        check(self.workers >= 1, "run.workers", self.workers, ">= 1")
+        check(self.cpus_per_worker > 0, "run.cpus_per_worker", self.cpus_per_worker, "> 0")
+        check(self.gpus_per_worker > 0, "run.gpus_per_worker", self.gpus_per_worker, "> 0")
+        check(self.checkpoint_every >= 1, "run.checkpoint_every", self.checkpoint_every, ">= 1")
+        check(self.keep_checkpoints >= 1, "run.keep_checkpoints", self.keep_checkpoints, ">= 1")
+        check(self.max_failures >= 0, "run.max_failures", self.max_failures, ">= 0")
 
 
 @dataclass
@@ -240,7 +239,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, values: Any, prefix: str) -> Any:
+    """Build a (nested) dataclass from a mapping, checking every key and type."""
     if not isinstance(values, dict):
         where = f"section '{prefix}'" if prefix else "the config file"
         raise UserError(f"{where} must be a mapping of keys to values, got {values!r}")
@@ -253,10 +253,28 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
             raise UserError(f"config key '{dotted}' is unknown: expected one of {names}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value if value is not None else {}, dotted)
+            kwargs[key] = build_dataclass(hint, value if value is not None else {}, dotted)
         else:
             kwargs[key] = _coerce(value, hint, dotted)
     return cls(**kwargs)
+
+
+def field_type(dotted: str) -> Any:
+    """The annotated type of a dotted config key, e.g. ``loss.temperature`` → float."""
+    cls: Any = Config
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            raise UserError(f"'{dotted}' is not a config key: '{part}' is not a config section")
+        cls = hints[part]
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    if leaf not in hints or dataclasses.is_dataclass(hints[leaf]):
+        names = sorted(hints)
+        raise UserError(
+            f"'{dotted}' is not a config key: expected one of {names} after '{'.'.join(parents)}'"
+        )
+    return hints[leaf]
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -315,7 +333,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def from_dict(values: dict[str, Any]) -> Config:
-    config = _build(Config, values, "")
+    config = build_dataclass(Config, values, "")
     config.validate()
     return config
 

@@ -29,8 +29,9 @@ from jdcl_ray.errors import UserError
 from jdcl_ray.losses import dcl_loss, ddc_loss, pooled_tau_plus
 from jdcl_ray.models import JointModel, use_global_batchnorm
 
-LOSS_TERMS = ("total", "dcl", "ddc_l1", "ddc_l2", "ddc_l3", "ddc")
-Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
+LOSS_TERMS = ("total", "dcl", "ddc_l1", "ddc_l2", "ddc_l3", "ddc")  # reported as loss/<term>
+# report(metrics, state, assignments): see ``fit``.
+Report = Callable[[dict[str, Any], dict[str, Any] | None, dict[str, np.ndarray] | None], None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -196,8 +197,14 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def evaluate(model: JointModel, data: RunData, config: Config, device: torch.device) -> dict:
-    """Every metric of the metrics module, on the LT training set and the evaluation split."""
+def evaluate(
+    model: JointModel, data: RunData, config: Config, device: torch.device
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every metric of the metrics module, on the LT training set and the evaluation split.
+
+    Also returns the training set's assignments (one entry per image: its index in the source
+    split, cluster, confidence, OOD score and label when known), the run's Parquet artifact.
+    """
     num_clusters = config.model.num_clusters
     train_out = embed(model, data.train.images, device)
     features = nn.functional.normalize(train_out["features"], dim=1).numpy()
@@ -205,15 +212,25 @@ def evaluate(model: JointModel, data: RunData, config: Config, device: torch.dev
     if config.eval.assign == "kmeans":
         kmeans = KMeans(num_clusters, n_init=3, random_state=config.run.seed).fit(features)
         train_clusters = kmeans.labels_
+        probabilities = kmeans_probabilities(features, kmeans.cluster_centers_, config)
     else:
-        train_clusters = train_out["assignments"].argmax(1).numpy()
+        probabilities = train_out["assignments"].numpy()
+        train_clusters = probabilities.argmax(1)
+    assignments = {
+        "index": np.asarray(data.lt_indices, dtype=np.int64),
+        "cluster": train_clusters.astype(np.int64),
+        "confidence": probabilities[np.arange(len(train_clusters)), train_clusters],
+        "ood_score": train_out["ood"].numpy(),
+    }
+    if data.train.labels is not None:
+        assignments["label"] = np.asarray(data.train.labels, dtype=np.int64)
     result: dict[str, Any] = {
         "selection_score": metrics.selection_score(train_out["hidden"].numpy(), train_clusters),
         "ood_threshold": float(np.quantile(train_out["ood"].numpy(), 0.95)),
         "predicted_sizes": np.bincount(train_clusters, minlength=num_clusters).tolist(),
     }
     if data.train.labels is None:
-        return result
+        return result, assignments
     labels = data.train.labels
     for key, value in metrics.cluster_metrics(
         labels, train_clusters, num_clusters, class_order=data.class_order
@@ -227,7 +244,7 @@ def evaluate(model: JointModel, data: RunData, config: Config, device: torch.dev
         result["knn_acc"] = metrics.knn_accuracy(
             features, labels, features, labels, k=config.eval.knn_k, exclude_self=True
         )
-        return result
+        return result, assignments
     eval_out = embed(model, evaluation.images, device)
     eval_features = nn.functional.normalize(eval_out["features"], dim=1).numpy()
     if kmeans is not None:
@@ -241,7 +258,17 @@ def evaluate(model: JointModel, data: RunData, config: Config, device: torch.dev
     result["knn_acc"] = metrics.knn_accuracy(
         features, labels, eval_features, evaluation.labels, k=config.eval.knn_k
     )
-    return result
+    return result, assignments
+
+
+def kmeans_probabilities(features: np.ndarray, centers: np.ndarray, config: Config) -> np.ndarray:
+    """Soft k-means assignments: a softmax over cosine similarity to the centroids at the
+    contrastive temperature, so a k-means confidence reads like the head's."""
+    centers = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+    logits = features @ centers.T / config.loss.temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -273,8 +300,9 @@ def fit(
 ) -> dict[str, Any]:
     """Train from epoch 0 (or after ``restored``'s epoch) to ``run.epochs``; returns last metrics.
 
-    ``report(metrics, state)`` is called by every rank once per epoch; ``state`` (only on rank 0,
-    on checkpoint epochs) is a weights_only-loadable dict to save as the checkpoint.
+    ``report(metrics, state, assignments)`` is called by every rank once per epoch; ``state``
+    (only on rank 0, on checkpoint epochs) is a weights_only-loadable dict to save as the
+    checkpoint; ``assignments`` (rank 0, last epoch) are the training set's clusters.
     """
     torch.manual_seed(config.run.seed)
     run = config.run
@@ -343,8 +371,10 @@ def fit(
         epoch_metrics["lr"] = scheduler.get_last_lr()[0]
         epoch_metrics["images_per_s"] = steps_per_epoch * global_batch / elapsed
         is_last = epoch == run.epochs - 1
+        assignments = None
         if ctx.rank == 0 and (is_last or (epoch + 1) % config.eval.every == 0):
-            epoch_metrics.update(evaluate(model, data, config, ctx.device))
+            evaluated, assignments = evaluate(model, data, config, ctx.device)
+            epoch_metrics.update(evaluated)
         state = None
         if ctx.rank == 0 and (is_last or (epoch + 1) % run.checkpoint_every == 0):
             state = {
@@ -359,7 +389,7 @@ def fit(
             }
         if ctx.rank == 0:
             log(progress_line(epoch_metrics, run.epochs))
-        report(epoch_metrics, state)
+        report(epoch_metrics, state, assignments if is_last else None)
         last = epoch_metrics
     return last
 

@@ -26,6 +26,8 @@ from sklearn.metrics import (
 )
 
 Array = npt.ArrayLike | torch.Tensor
+# The keys `cluster_metrics` returns.
+CLUSTER_METRIC_KEYS = ("acc", "caa", "macro_f1", "nmi", "ari", "head_acc", "medium_acc", "tail_acc")
 
 
 def _to_numpy(x: Array) -> np.ndarray:

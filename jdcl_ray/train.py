@@ -11,15 +11,18 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from jdcl_ray.config import Config, from_dict, load_config, save_config
 from jdcl_ray.engine import RunData, fit, prepare_data, worker_context
 from jdcl_ray.errors import UserError, run_cli
+from jdcl_ray.predict import ASSIGNMENTS_FILE, write_assignments
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
@@ -75,38 +78,81 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         if restored is None or int(recorded["epoch"]) > int(restored["epoch"]):
             restored = recorded
 
-    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+    def report(
+        metrics: dict[str, Any],
+        state: dict[str, Any] | None,
+        assignments: dict[str, np.ndarray] | None,
+    ) -> None:
         if state is None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / STATE_FILE)
             (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+            if assignments is not None:
+                write_assignments(assignments, Path(folder) / ASSIGNMENTS_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     # Train V2 routes worker prints through its logger: log once, through logging.
     return fit(config, data, ctx, report, restored, log=logging.getLogger("jdcl_ray").info)
 
 
-def init_ray(address: str | None) -> None:
-    """Connect to a cluster when one is named, else start Ray in-process on this machine."""
+def init_ray(address: str | None, resources: dict[str, float] | None = None) -> bool:
+    """Connect to a cluster when one is named, else start Ray in-process on this machine
+    (with ``resources`` as custom resources). True when connected to a cluster."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        # The dashboard hosts the State API that Train uses to clean up stopped runs.
-        ray.init(dashboard_host="127.0.0.1")
+    if not ray.is_initialized():
+        if address:
+            try:
+                ray.init(address=address)
+            except (ConnectionError, RuntimeError) as error:
+                raise UserError(f"Ray cluster at {address} is unreachable: {error}") from None
+        else:
+            # The dashboard hosts the State API that Train uses to clean up stopped runs.
+            ray.init(dashboard_host="127.0.0.1", resources=resources)
+    return bool(address)
+
+
+def trials_that_fit(config: Config, on_cluster: bool) -> int:
+    """How many runs of ``config``'s workers the Ray cluster holds at once (at least 1).
+
+    A run that can never be placed would wait forever: on this machine that is an error naming
+    the keys; on a cluster (which may autoscale) it is a warning.
+    """
+    import ray
+
+    run = config.run
+    available = ray.cluster_resources()
+    needs = {"CPU": run.workers * run.cpus_per_worker}
+    if run.use_gpu:
+        needs["GPU"] = run.workers * run.gpus_per_worker
+    fits = min(int(available.get(name, 0) // amount) for name, amount in needs.items())
+    if fits >= 1:
+        return fits
+    message = (
+        f"a run needs {needs} (run.workers = {run.workers} × run.cpus_per_worker = "
+        f"{run.cpus_per_worker}"
+        + (f", × run.gpus_per_worker = {run.gpus_per_worker}" if run.use_gpu else "")
+        + f") but the Ray cluster has {{{', '.join(f'{k!r}: {available.get(k, 0)}' for k in needs)}}}"
+    )
+    if not on_cluster:
+        raise UserError(f"{message}: lower run.workers or the resources per worker")
+    logging.getLogger("jdcl_ray").warning("%s: waiting for the cluster to scale up", message)
+    return 1
 
 
 def run_training(
-    config: Config, output: Path, data: RunData, resume_state: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Fit one data-parallel run into ``output``; returns the last epoch's metrics."""
+    config: Config,
+    output: Path,
+    data: RunData,
+    resume_state: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+) -> tuple[dict[str, Any], Path | None]:
+    """Fit one data-parallel run into ``output``; returns the last epoch's metrics and the
+    folder of the last checkpoint (``callbacks``: Ray Train ``UserCallback``s)."""
     import ray
     from ray.train import (
         CheckpointConfig,
@@ -137,10 +183,12 @@ def run_training(
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks or [],
         ),
     )
     result = trainer.fit()
-    return dict(result.metrics or {})
+    checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    return dict(result.metrics or {}), checkpoint
 
 
 def print_summary(metrics: dict[str, Any], output: Path) -> None:
@@ -211,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     np.save(output / "lt_indices.npy", data.lt_indices)
-    init_ray(args.address)
+    trials_that_fit(config, on_cluster=init_ray(args.address))
     resume_state = newest_saved_state(output) if args.resume else None
-    metrics = run_training(config, output, data, resume_state)
+    metrics, checkpoint = run_training(config, output, data, resume_state)
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    if checkpoint is not None and (checkpoint / ASSIGNMENTS_FILE).is_file():
+        shutil.copy(checkpoint / ASSIGNMENTS_FILE, output / ASSIGNMENTS_FILE)
     print_summary(metrics, output)
     return 0
 

@@ -1,0 +1,226 @@
+"""The MLflow edge: one parent run per search, one nested child run per trial.
+
+Child runs are named from their hyperparameters (``t0.20-tp0.10-w1.00``), hold the trial's
+resolved config as params, every epoch's metrics with step = epoch, and tags that say what was
+clustered and how. Runs are found again by their ``trial_id`` tag, so a resumed search reuses
+them instead of opening duplicates. With no tracking server, MLflow writes ``mlflow.db``
+(sqlite) in the working directory, which ``mlflow ui`` opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from jdcl_ray.config import Config
+from jdcl_ray.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+TRIAL_TAG = "trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+# Short names of the searched keys in run names; other keys use their last part.
+SHORT_NAMES = {
+    "loss.temperature": "t",
+    "loss.tau_plus": "tp",
+    "loss.clustering_weight": "w",
+    "loss.prior": "",
+    "optim.lr": "lr",
+}
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def connect(uri: str) -> Any:
+    """An MlflowClient for ``uri``, after checking a server answers (one line if it doesn't)."""
+    # Fail in seconds, not after MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith(("http://", "https://", "sqlite:///", "databricks")):
+        raise UserError(
+            f"--tracking-uri {uri!r} is not supported: expected http(s)://HOST:PORT of an MLflow "
+            f"server or sqlite:///PATH.db"
+        )
+    client = MlflowClient(uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as error:  # any failure to reach the store is the same user-facing fact
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise UserError(f"MLflow tracking server {uri} is unreachable: {reason}") from None
+    return client
+
+
+def experiment_id(client: Any, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → ``{"loss.temperature": "0.2", ...}`` (MLflow params are strings)."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = str(list(value) if isinstance(value, tuple) else value)
+    return flat
+
+
+def git_revision() -> str:
+    """The project's git commit (with ``-dirty`` for local changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        revision = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return revision or "unknown"
+
+
+def run_tags(config: Config) -> dict[str, str]:
+    return {
+        "dataset": config.data.name,
+        "imbalance_ratio": str(config.data.imbalance_ratio),
+        "num_clusters": str(config.model.num_clusters),
+        "backbone": config.model.backbone,
+        "seed": str(config.run.seed),
+        "world_size": str(config.run.workers),
+        "git_revision": git_revision(),
+    }
+
+
+def _short_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if 0.01 <= abs(value) < 100 else f"{value:.2g}"
+    return str(value)
+
+
+def trial_run_name(params: dict[str, Any]) -> str:
+    """``{"loss.temperature": 0.2, "loss.tau_plus": 0.1}`` → ``t0.20-tp0.10``."""
+    parts = []
+    for key, value in params.items():
+        short = SHORT_NAMES.get(key, key.rsplit(".", 1)[-1])
+        parts.append(f"{short}{_short_value(value)}")
+    return "-".join(parts) or "trial"
+
+
+def start_parent(client: Any, experiment: str, name: str, tags: dict[str, str]) -> str:
+    run = client.create_run(experiment, run_name=name, tags={**tags, "kind": "search"})
+    return run.info.run_id
+
+
+def find_child(client: Any, experiment: str, parent_id: str, trial_id: str) -> Any | None:
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_id}'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def child_run(
+    client: Any,
+    experiment: str,
+    parent_id: str,
+    trial_id: str,
+    name: str,
+    config: Config,
+) -> tuple[str, bool]:
+    """The trial's child run (reopened if a resumed search ran it before); True if created."""
+    existing = find_child(client, experiment, parent_id, trial_id)
+    if existing is not None:
+        if existing.info.status != "RUNNING":
+            client.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id, False
+    tags = {**run_tags(config), PARENT_TAG: parent_id, TRIAL_TAG: trial_id, "kind": "trial"}
+    run = client.create_run(experiment, run_name=name, tags=tags)
+    from mlflow.entities import Param
+
+    params = [Param(k, v) for k, v in flatten(config.to_dict()).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    return run.info.run_id, True
+
+
+def set_status(client: Any, run_id: str, status: str) -> None:
+    """End a run with ``status`` (FINISHED, FAILED, KILLED) unless it already ended."""
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status=status)
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a report (lists such as cluster sizes go to artifacts)."""
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
+def last_logged_epoch(client: Any, run_id: str) -> int:
+    history = client.get_metric_history(run_id, "epoch")
+    return max((int(point.step) for point in history), default=-1)
+
+
+class EpochLog:
+    """Logs each epoch's metrics once (step = epoch) to a run, keeping what fails to send.
+
+    A trial that restarts from its last checkpoint reports some epochs again: those already in
+    the run are skipped, so the history has one point per epoch. If the server is away, the
+    epochs wait here and go out with the next one that gets through; each failure is logged.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.last_epoch: int | None = None
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        epoch = int(metrics["epoch"])
+        self.pending.append((epoch, scalar_metrics(metrics)))
+        client = MlflowClient(self.tracking_uri)
+        try:
+            if self.last_epoch is None:
+                self.last_epoch = last_logged_epoch(client, self.run_id)
+            while self.pending:
+                step, values = self.pending[0]
+                if step > self.last_epoch:
+                    now = int(time.time() * 1000)
+                    batch = [Metric(k, v, now, step) for k, v in values.items()]
+                    client.log_batch(self.run_id, metrics=batch)
+                    self.last_epoch = step
+                self.pending.pop(0)
+        except Exception as error:
+            first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            logger.warning(
+                "MLflow: could not log epoch(s) %s to run %s at %s (%s); kept, retried next epoch",
+                [step for step, _ in self.pending],
+                self.run_id,
+                self.tracking_uri,
+                first,
+            )

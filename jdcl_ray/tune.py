@@ -1,0 +1,434 @@
+"""The Ray Tune edge: ``python -m jdcl_ray.tune --space tune_spaces/quickstart.yaml``.
+
+Each trial is a Tune function that runs one data-parallel Ray Train run (Train V2: the trainer
+is launched from inside the trial) and owns one nested MLflow child run. Who does what:
+
+- the trial function prepares the data, opens (or, on resume, reopens) the child run, trains,
+  and logs the artifacts (config, long-tail indices, assignments Parquet, plots);
+- ``TrialReportCallback`` runs in the Train controller: it logs every epoch to the child run
+  and forwards rank 0's metrics to Tune (which ASHA and the searcher use);
+- ``SearchTracker`` runs on the driver: it gives each child run its honest final status
+  (FINISHED, KILLED when the scheduler stopped it early, FAILED when it errored);
+- ``main`` opens the parent run, runs or resumes the Tuner, and ends with the best trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jdcl_ray import tracking
+from jdcl_ray.config import save_config
+from jdcl_ray.engine import prepare_data
+from jdcl_ray.errors import UserError, run_cli
+from jdcl_ray.predict import ASSIGNMENTS_FILE, read_assignments
+from jdcl_ray.report import assignment_plots
+from jdcl_ray.space import SearchSpace, load_space, tune_distribution
+from jdcl_ray.train import METRICS_FILE, init_ray, newest_saved_state, run_training, trials_that_fit
+
+logger = logging.getLogger("jdcl_ray")
+
+# Trials hold a sliver of this custom resource instead of a CPU, so Train workers get every core.
+TRIAL_RESOURCE = "TRAIN_DRIVER"
+TRIAL_SHARE = 0.01
+SEARCH_FILE = "jdcl_search.json"  # beside Tune's state: the parent run and where trials live
+TRIALS_DIR = "trials"
+STATUS_COLUMNS = ("caa", "nmi", "acc", "tail_acc")
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every trial needs to know about its search (sent once through the object store)."""
+
+    space: SearchSpace
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trials_dir: str
+
+
+def _tune_report_callback() -> type:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class TrialReportCallback(TuneReportCallback):
+        """Log each epoch to the trial's MLflow run; forward it to Tune with the search metric
+        carried over epochs that skip evaluation (``eval.every``), and ``epochs_done``."""
+
+        def __init__(self, metric: str, tracking_uri: str, run_id: str) -> None:
+            super().__init__()
+            self.metric = metric
+            self.epoch_log = tracking.EpochLog(tracking_uri, run_id)
+            self.carried: dict[str, Any] = {}
+
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            fresh = metrics[0]
+            self.epoch_log.log(fresh)
+            if self.metric in fresh:
+                self.carried[self.metric] = fresh[self.metric]
+            # Scalars only: cluster-size lists stay in the checkpoint's metrics.json.
+            scalars = tracking.scalar_metrics(fresh)
+            forwarded = {**self.carried, **scalars, "epochs_done": int(fresh["epoch"]) + 1}
+            super().after_report(run_context, [forwarded], checkpoint)
+
+    return TrialReportCallback
+
+
+def run_trial(params: dict[str, Any], context: SearchContext) -> None:
+    """One trial (a Tune function trainable): train one config, track it in its child run."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    config = context.space.trial_config(params)
+    client = MlflowClient(context.tracking_uri)
+    run_id, created = tracking.child_run(
+        client,
+        context.experiment_id,
+        context.parent_run_id,
+        trial_id,
+        tracking.trial_run_name(params),
+        config,
+    )
+    output = Path(context.trials_dir) / trial_id
+    final_metrics = output / METRICS_FILE
+    if final_metrics.is_file():
+        # Finished before the driver stopped, but after Tune last saved its state: report the
+        # result again instead of training again.
+        tune.report(tracking.scalar_metrics(json.loads(final_metrics.read_text())))
+        return
+    data = prepare_data(config)
+    output.mkdir(parents=True, exist_ok=True)
+    save_config(config, output / "config.yaml")
+    np.save(output / "lt_indices.npy", data.lt_indices)
+    if created:
+        client.log_artifact(run_id, str(output / "config.yaml"))
+        client.log_artifact(run_id, str(output / "lt_indices.npy"))
+    callback = _tune_report_callback()(context.space.search.metric, context.tracking_uri, run_id)
+    metrics, checkpoint = run_training(
+        config, output, data, newest_saved_state(output), callbacks=[callback]
+    )
+    if checkpoint is not None and (checkpoint / ASSIGNMENTS_FILE).is_file():
+        assignments_file = checkpoint / ASSIGNMENTS_FILE
+        client.log_artifact(run_id, str(assignments_file))
+        plots = assignment_plots(
+            read_assignments(assignments_file), config.model.num_clusters, output / "plots"
+        )
+        for plot in plots:
+            client.log_artifact(run_id, str(plot), artifact_path="plots")
+    final = {**metrics, "epochs_done": int(metrics.get("epoch", -1)) + 1}
+    final_metrics.write_text(json.dumps(final, indent=2))
+
+
+def _search_tracker(context: SearchContext) -> Any:
+    from ray import tune
+
+    class SearchTracker(tune.Callback):
+        """Ends each trial's child run with the status the trial really ended with."""
+
+        def _end(self, trial: Any, status: str) -> None:
+            try:
+                client = tracking.connect(context.tracking_uri)
+                child = tracking.find_child(
+                    client, context.experiment_id, context.parent_run_id, trial.trial_id
+                )
+                if child is not None:
+                    tracking.set_status(client, child.info.run_id, status)
+            except Exception as error:  # tracking must not stop the search
+                logger.warning("MLflow: could not end trial %s's run: %s", trial.trial_id, error)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            done = (trial.last_result or {}).get("epochs_done", 0)
+            self._end(trial, "FINISHED" if done >= context.space.epochs else "KILLED")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._end(trial, "FAILED")
+
+    return SearchTracker()
+
+
+def build_tuner(context: SearchContext, storage: Path, name: str, max_concurrent: int) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    space = context.space
+    search = space.search
+    if space.scheduler.kind == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="epochs_done",
+            max_t=space.scheduler.max_epochs or space.epochs,
+            grace_period=space.scheduler.grace_period,
+            reduction_factor=space.scheduler.reduction_factor,
+            # Let a trial that reached max_t return by itself, so it logs its artifacts.
+            stop_last_trials=False,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=search.seed)
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=search.seed)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: TRIAL_SHARE}
+    )
+    return tune.Tuner(
+        trainable,
+        param_space={p.key: tune_distribution(p) for p in space.parameters},
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=search.mode,
+            num_samples=search.num_samples,
+            max_concurrent_trials=max_concurrent,
+            scheduler=scheduler,
+            search_alg=search_alg,
+        ),
+        run_config=_run_config(context, storage, name),
+    )
+
+
+def _run_config(context: SearchContext, storage: Path, name: str) -> Any:
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=str(storage),
+        callbacks=[_search_tracker(context)],
+        failure_config=tune.FailureConfig(max_failures=0),
+        verbose=1,
+    )
+
+
+def latest_search(storage: Path, name: str) -> Path:
+    """The newest search of this space under ``storage`` (what ``--resume`` continues)."""
+    found = sorted(storage.glob(f"{name}-*/{SEARCH_FILE}"))
+    if not found:
+        raise UserError(
+            f"--resume: no search named {name!r} under --storage {storage}: expected a folder "
+            f"{name}-<date> holding {SEARCH_FILE}"
+        )
+    return found[-1].parent
+
+
+def summarize(results: Any, context: SearchContext, client: Any) -> dict[str, Any] | None:
+    """Print every trial and the best one; log the table and the best trial to the parent run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    space, metric = context.space, context.space.search.metric
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        rows.append(
+            {
+                "trial": metrics.get("trial_id", ""),
+                "name": tracking.trial_run_name(result.config or {}),
+                "status": "ERROR"
+                if result.error
+                else ("DONE" if metrics.get("epochs_done", 0) >= space.epochs else "STOPPED"),
+                "epochs": metrics.get("epochs_done", 0),
+                metric: metrics.get(metric),
+                **{f"train/{k}": metrics.get(f"train/{k}") for k in STATUS_COLUMNS},
+            }
+        )
+    folder = Path(context.trials_dir).parent
+    with open(folder / "trials.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+    client.log_artifact(context.parent_run_id, str(folder / "trials.csv"))
+    table = Table(title=f"search {space.name}: {len(rows)} trials ({metric}, {space.search.mode})")
+    for column in rows[0] if rows else ():
+        table.add_column(
+            column, justify="right" if column not in ("name", "status", "trial") else "left"
+        )
+    for row in rows:
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console = Console()
+    if not console.is_terminal:
+        console.width = 160
+    console.print(table)
+    try:
+        best = results.get_best_result(metric, space.search.mode, scope="last")
+    except RuntimeError:
+        best = None
+    if best is None or best.metrics is None:
+        console.print("no trial reported the search metric")
+        return None
+    best_metrics = tracking.scalar_metrics(best.metrics)
+    client.log_batch(
+        context.parent_run_id,
+        metrics=[_metric(f"best/{k}", v) for k, v in best_metrics.items()],
+    )
+    for key, value in (best.config or {}).items():
+        client.log_param(context.parent_run_id, f"best.{key}", str(value))
+    client.set_tag(context.parent_run_id, "best_trial", str(best.metrics.get("trial_id")))
+    console.print(f"best trial {best.metrics.get('trial_id')}: {best.config}")
+    shown = [
+        metric,
+        *(f"{split}/{k}" for split in ("train", "test") for k in STATUS_COLUMNS),
+        "knn_acc",
+    ]
+    console.print(", ".join(f"{k} {best_metrics[k]:.3f}" for k in shown if k in best_metrics))
+    return best.metrics
+
+
+def _metric(key: str, value: float) -> Any:
+    from mlflow.entities import Metric
+
+    return Metric(key, value, int(time.time() * 1000), 0)
+
+
+def where_to_look(context: SearchContext) -> str:
+    uri = context.tracking_uri
+    link = f"#/experiments/{context.experiment_id}/runs?workflowType=machine_learning"
+    if uri.startswith("sqlite:"):
+        return (
+            f"MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+            f"http://127.0.0.1:5000/{link}"
+        )
+    return f"MLflow: {uri.rstrip('/')}/{link}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jdcl_ray.tune", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--space", type=Path, required=True, help="search space (tune_spaces/*.yaml)"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
+    )
+    parser.add_argument(
+        "--storage", type=Path, default=Path("tune_results"), help="Tune state and checkpoints"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="finish the newest stopped search of --space"
+    )
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    return parser.parse_args(argv)
+
+
+def open_search(
+    args: argparse.Namespace, space: SearchSpace, client: Any, uri: str
+) -> tuple[SearchContext, Path]:
+    """A new search's context and folder, or those ``--resume`` continues."""
+    storage = args.storage.resolve()
+    if args.resume:
+        folder = latest_search(storage, space.name)
+        saved = json.loads((folder / SEARCH_FILE).read_text())
+        experiment, parent = saved["experiment_id"], saved["parent_run_id"]
+        client.update_run(parent, status="RUNNING")
+    else:
+        folder = storage / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        experiment = tracking.experiment_id(client, space.name)
+        parent = tracking.start_parent(
+            client,
+            experiment,
+            folder.name,
+            {"space": str(args.space), "git_revision": tracking.git_revision()},
+        )
+        for key, value in tracking.flatten(space.base).items():
+            client.log_param(parent, f"base.{key}", value)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SEARCH_FILE).write_text(
+            json.dumps(
+                {"experiment_id": experiment, "parent_run_id": parent, "space": str(args.space)}
+            )
+        )
+        client.log_artifact(parent, str(args.space))
+    context = SearchContext(space, uri, experiment, parent, str(folder / TRIALS_DIR))
+    return context, folder
+
+
+def end_interrupted(client: Any, context: SearchContext) -> None:
+    """A stopped search: its RUNNING child runs and the parent end as KILLED, not RUNNING."""
+    runs = client.search_runs(
+        [context.experiment_id],
+        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{context.parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    tracking.set_status(client, context.parent_run_id, "KILLED")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    space = load_space(args.space)
+    uri = args.tracking_uri or tracking.default_tracking_uri()
+    client = tracking.connect(uri)
+    context, folder = open_search(args, space, client, uri)
+    # Tune checks the metric in every result; ours skip it on epochs without evaluation
+    # (space.py checks the metric's name instead). Save Tune's state often: a killed driver
+    # then loses at most a second of the search's bookkeeping.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    on_cluster = init_ray(args.address, resources={TRIAL_RESOURCE: 1.0})
+    import ray
+    from ray import tune
+
+    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < TRIAL_SHARE:
+        raise UserError(
+            f"the Ray cluster has no {TRIAL_RESOURCE} resource for trial drivers: start its head "
+            f"with ray start --head --resources='{{\"{TRIAL_RESOURCE}\": 1}}' (cluster/gpu.yaml does)"
+        )
+    fits = trials_that_fit(space.trial_config({}), on_cluster)
+    max_concurrent = space.search.max_concurrent_trials or fits
+    if not on_cluster:
+        max_concurrent = min(max_concurrent, fits)
+    # SIGTERM (a scheduler, `kill`) ends the search like Ctrl+C: Tune saves its state.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    if args.resume:
+        tuner = tune.Tuner.restore(
+            str(folder),
+            trainable=tune.with_resources(
+                tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: TRIAL_SHARE}
+            ),
+            resume_unfinished=True,
+            resume_errored=False,
+        )
+    else:
+        tuner = build_tuner(context, folder.parent, folder.name, max_concurrent)
+    results = None
+    try:
+        results = tuner.fit()
+    finally:
+        # Ctrl+C / SIGTERM: Tune returns early, with trials not done (or not yet created).
+        unfinished = (
+            results is None
+            or len(results) < space.num_trials
+            or any(not (r.metrics or {}).get("done") and r.error is None for r in results)
+        )
+        if unfinished:
+            with contextlib.suppress(Exception):
+                end_interrupted(client, context)
+    if unfinished:
+        raise UserError(
+            f"search stopped before it finished: continue it with python -m jdcl_ray.tune "
+            f"--space {args.space} --storage {args.storage} --resume"
+        )
+    summarize(results, context, client)
+    tracking.set_status(client, context.parent_run_id, "FINISHED")
+    print(f"Tune state: {folder}")
+    print(where_to_look(context))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
