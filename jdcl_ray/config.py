@@ -261,18 +261,24 @@ def build_dataclass(cls: type, values: Any, prefix: str) -> Any:
 
 def field_type(dotted: str) -> Any:
     """The annotated type of a dotted config key, e.g. ``loss.temperature`` → float."""
-    cls: Any = Config
     *parents, leaf = dotted.split(".")
-    for part in parents:
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    cls: Any = Config
+    for depth, part in enumerate(parents):
+        hints = typing.get_type_hints(cls)
         if part not in hints or not dataclasses.is_dataclass(hints[part]):
-            raise UserError(f"'{dotted}' is not a config key: '{part}' is not a config section")
+            where = f"in section '{'.'.join(parents[:depth])}'" if depth else "as a section"
+            raise UserError(
+                f"'{dotted}' is not a config key: expected one of {sorted(hints)} {where}"
+            )
         cls = hints[part]
-    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-    if leaf not in hints or dataclasses.is_dataclass(hints[leaf]):
-        names = sorted(hints)
+    hints = typing.get_type_hints(cls)
+    if not parents:
         raise UserError(
-            f"'{dotted}' is not a config key: expected one of {names} after '{'.'.join(parents)}'"
+            f"'{dotted}' is not a config key: expected SECTION.KEY, SECTION one of {sorted(hints)}"
+        )
+    if leaf not in hints:
+        raise UserError(
+            f"'{dotted}' is not a config key: expected one of {sorted(hints)} in section '{'.'.join(parents)}'"
         )
     return hints[leaf]
 

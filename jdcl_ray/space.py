@@ -257,7 +257,7 @@ def _parameter(key: str, spec: Any, base: dict[str, Any]) -> Parameter:
     try:
         field_type(key)
     except UserError as error:
-        raise UserError(f"{where}: {error}") from None
+        raise UserError(f"space key {error}") from None
     if not isinstance(spec, dict) or len(spec) != 1:
         raise UserError(
             f"{where} must have exactly one distribution, e.g. {{uniform: [0.1, 0.5]}}: "

@@ -46,6 +46,9 @@ def connect(uri: str) -> Any:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     from mlflow.tracking import MlflowClient
 
+    # "Creating initial MLflow database tables..." and alembic's migrations are not news.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if not uri.startswith(("http://", "https://", "sqlite:///", "databricks")):
         raise UserError(
             f"--tracking-uri {uri!r} is not supported: expected http(s)://HOST:PORT of an MLflow "
@@ -61,9 +64,17 @@ def connect(uri: str) -> Any:
 
 
 def experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, created if new. With a sqlite store, artifacts go beside the
+    database file (``mlartifacts/``), not into whatever folder the command ran in."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name)
+        location = None
+        uri = client.tracking_uri
+        if uri.startswith("sqlite:///"):
+            location = (
+                Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / name
+            ).as_uri()
+        return client.create_experiment(name, artifact_location=location)
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
