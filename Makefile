@@ -22,7 +22,7 @@ $(FASHION):
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq dataset-fashion-mnist
 
 quickstart: install
-	$(PY) -m jdcl_ray.train --config configs/digits_lt.yaml --output runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+	$(PY) -m jdcl_ray.tune --space tune_spaces/quickstart.yaml
 
 # pytest exits 5 when it collects no test: say so instead of failing on it.
 test: install fashion-mnist

@@ -17,6 +17,8 @@ import yaml
 from jdcl_ray.augment import AugmentConfig
 from jdcl_ray.errors import UserError
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+
 
 def check(ok: bool, key: str, value: Any, expected: str) -> None:
     """Stop with one line naming the key and value unless ``ok``."""
@@ -158,6 +160,8 @@ class RunConfig:
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     max_failures: int = 2
+    # How Ray places the workers: PACK (fewest nodes), SPREAD, STRICT_SPREAD (one per node).
+    placement_strategy: str = "PACK"
 
     def validate(self) -> None:
         check(self.epochs >= 1, "run.epochs", self.epochs, ">= 1")
@@ -167,6 +171,12 @@ class RunConfig:
         check(self.checkpoint_every >= 1, "run.checkpoint_every", self.checkpoint_every, ">= 1")
         check(self.keep_checkpoints >= 1, "run.keep_checkpoints", self.keep_checkpoints, ">= 1")
         check(self.max_failures >= 0, "run.max_failures", self.max_failures, ">= 0")
+        check(
+            self.placement_strategy in PLACEMENT_STRATEGIES,
+            "run.placement_strategy",
+            self.placement_strategy,
+            f"one of {PLACEMENT_STRATEGIES}",
+        )
 
 
 @dataclass
@@ -356,8 +366,13 @@ def load_config(
     return from_dict(values)
 
 
+def config_yaml(config: Config) -> str:
+    """The config as YAML that loads back into the same config."""
+    return yaml.safe_dump(_plain(config.to_dict()), sort_keys=False)
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    Path(path).write_text(config_yaml(config))
 
 
 def _plain(value: Any) -> Any:

@@ -8,18 +8,20 @@ the workers through Ray's object store, so only the driver needs the files.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from jdcl_ray.config import Config, from_dict, load_config, save_config
+from jdcl_ray import storage
+from jdcl_ray.config import Config, config_yaml, from_dict, load_config, merge, parse_overrides
 from jdcl_ray.engine import RunData, fit, prepare_data, worker_context
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.predict import ASSIGNMENTS_FILE, write_assignments
@@ -29,12 +31,13 @@ METRICS_FILE = "metrics.json"
 TRAIN_DIR = "train"
 
 
-def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+def load_state(checkpoint: str | Path) -> dict[str, Any]:
     """A checkpoint's training state; weights_only=True so a checkpoint can't run code."""
-    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    source = storage.open_bytes(storage.join(str(checkpoint), STATE_FILE))
+    return torch.load(source, map_location="cpu", weights_only=True)
 
 
-def newest_saved_state(output: Path) -> dict[str, Any] | None:
+def newest_saved_state(output: str) -> dict[str, Any] | None:
     """The state of the highest-epoch checkpoint in ``output`` that loads completely, or None.
 
     Ray records a checkpoint in its snapshot some time after the folder is written; a driver
@@ -42,10 +45,14 @@ def newest_saved_state(output: Path) -> dict[str, Any] | None:
     Folders are tried newest first (by the epoch in their metrics file); only one is loaded
     unless the newest was cut short by the kill.
     """
+    runs = storage.join(output, TRAIN_DIR)
     by_epoch = []
-    for folder in (output / TRAIN_DIR).glob("checkpoint_*"):
+    for name in storage.list_names(runs):
+        if not name.startswith("checkpoint_"):
+            continue
+        folder = storage.join(runs, name)
         try:
-            epoch = int(json.loads((folder / METRICS_FILE).read_text())["epoch"])
+            epoch = int(json.loads(storage.read_text(storage.join(folder, METRICS_FILE)))["epoch"])
         except (OSError, ValueError, KeyError):
             continue
         by_epoch.append((epoch, folder))
@@ -146,13 +153,13 @@ def trials_that_fit(config: Config, on_cluster: bool) -> int:
 
 def run_training(
     config: Config,
-    output: Path,
+    output: str,
     data: RunData,
     resume_state: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
 ) -> tuple[dict[str, Any], Path | None]:
     """Fit one data-parallel run into ``output``; returns the last epoch's metrics and the
-    folder of the last checkpoint (``callbacks``: Ray Train ``UserCallback``s)."""
+    last checkpoint (``output``: a path or URI; ``callbacks``: Ray Train ``UserCallback``s)."""
     import ray
     from ray.train import (
         CheckpointConfig,
@@ -175,7 +182,10 @@ def run_training(
             "resume_state": ray.put(resume_state),
         },
         scaling_config=ScalingConfig(
-            num_workers=run.workers, use_gpu=run.use_gpu, resources_per_worker=resources
+            num_workers=run.workers,
+            use_gpu=run.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=run.placement_strategy,
         ),
         run_config=RunConfig(
             name=TRAIN_DIR,
@@ -187,11 +197,22 @@ def run_training(
         ),
     )
     result = trainer.fit()
-    checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
-    return dict(result.metrics or {}), checkpoint
+    return dict(result.metrics or {}), result.checkpoint
 
 
-def print_summary(metrics: dict[str, Any], output: Path) -> None:
+def save_assignments(checkpoint: Any, destination: str) -> bool:
+    """Copy the final checkpoint's assignments table to ``destination``; False if it has none."""
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as folder:
+        table = Path(folder) / ASSIGNMENTS_FILE
+        if not table.is_file():
+            return False
+        storage.write_bytes(destination, table.read_bytes())
+    return True
+
+
+def print_summary(metrics: dict[str, Any], output: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -207,7 +228,7 @@ def print_summary(metrics: dict[str, Any], output: Path) -> None:
     console.print(table)
     extras = {k: metrics[k] for k in ("knn_acc", "selection_score", "images_per_s") if k in metrics}
     console.print(", ".join(f"{k} {v:.3f}" for k, v in extras.items()))
-    console.print(f"metrics: {output / METRICS_FILE}")
+    console.print(f"metrics: {storage.join(output, METRICS_FILE)}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -220,7 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set loss.temperature=0.2 (repeatable)",
     )
-    parser.add_argument("--output", type=Path, help="run folder (default: run.output_dir)")
+    parser.add_argument("--output", help="run folder or s3:// URI (default: run.output_dir)")
     parser.add_argument(
         "--resume", action="store_true", help="continue the stopped run in --output"
     )
@@ -228,21 +249,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
-    """The config and output folder of a new run, or of the run that ``--resume`` continues."""
+def resolve_run(args: argparse.Namespace) -> tuple[Config, str]:
+    """The config and output location of a new run, or of the run that ``--resume`` continues."""
     if args.resume:
         if args.output is None:
             raise UserError("--resume needs --output: the folder of the run to continue")
-        saved = args.output / "config.yaml"
-        if not saved.is_file():
+        output = storage.resolve(args.output)
+        saved = storage.join(output, "config.yaml")
+        if not storage.exists(saved):
             raise UserError(f"--resume: {saved} does not exist: expected the folder of a run")
-        config = load_config(saved, args.set)
-        return config, args.output.resolve()
+        values = yaml.safe_load(storage.read_text(saved))
+        return load_config(None, merge(values, parse_overrides(args.set))), output
     if args.config is None:
         raise UserError("--config is required: e.g. --config configs/digits_lt.yaml")
     config = load_config(args.config, args.set)
-    output = (args.output or Path(config.run.output_dir)).resolve()
-    if (output / TRAIN_DIR).exists():
+    output = storage.resolve(args.output or config.run.output_dir)
+    if storage.exists(storage.join(output, TRAIN_DIR)):
         raise UserError(
             f"--output {output} already holds a run: pass --resume to continue it, "
             f"or choose another folder"
@@ -250,21 +272,26 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
     return config, output
 
 
+def save_run_inputs(config: Config, lt_indices: np.ndarray, output: str) -> None:
+    """The resolved config and the long-tail draw, beside the run's checkpoints."""
+    storage.write_text(storage.join(output, "config.yaml"), config_yaml(config))
+    buffer = io.BytesIO()
+    np.save(buffer, lt_indices)
+    storage.write_bytes(storage.join(output, "lt_indices.npy"), buffer.getvalue())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config, output = resolve_run(args)
     data = prepare_data(config)
-    output.mkdir(parents=True, exist_ok=True)
-    save_config(config, output / "config.yaml")
-    import numpy as np
-
-    np.save(output / "lt_indices.npy", data.lt_indices)
-    trials_that_fit(config, on_cluster=init_ray(args.address))
+    on_cluster = init_ray(args.address)
+    storage.check_shared(output, "--output")
+    trials_that_fit(config, on_cluster)
+    save_run_inputs(config, data.lt_indices, output)
     resume_state = newest_saved_state(output) if args.resume else None
     metrics, checkpoint = run_training(config, output, data, resume_state)
-    (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    if checkpoint is not None and (checkpoint / ASSIGNMENTS_FILE).is_file():
-        shutil.copy(checkpoint / ASSIGNMENTS_FILE, output / ASSIGNMENTS_FILE)
+    storage.write_text(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2))
+    save_assignments(checkpoint, storage.join(output, ASSIGNMENTS_FILE))
     print_summary(metrics, output)
     return 0
 

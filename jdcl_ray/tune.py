@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +30,22 @@ from typing import Any
 
 import numpy as np
 
-from jdcl_ray import tracking
+from jdcl_ray import storage, tracking
 from jdcl_ray.config import save_config
 from jdcl_ray.engine import prepare_data
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.predict import ASSIGNMENTS_FILE, read_assignments
 from jdcl_ray.report import assignment_plots
 from jdcl_ray.space import SearchSpace, load_space, tune_distribution
-from jdcl_ray.train import METRICS_FILE, init_ray, newest_saved_state, run_training, trials_that_fit
+from jdcl_ray.train import (
+    METRICS_FILE,
+    init_ray,
+    newest_saved_state,
+    run_training,
+    save_assignments,
+    save_run_inputs,
+    trials_that_fit,
+)
 
 logger = logging.getLogger("jdcl_ray")
 
@@ -45,6 +55,7 @@ TRIAL_SHARE = 0.01
 SEARCH_FILE = "jdcl_search.json"  # beside Tune's state: the parent run and where trials live
 TRIALS_DIR = "trials"
 STATUS_COLUMNS = ("caa", "nmi", "acc", "tail_acc")
+LABEL_CHECK = "train/caa"  # judges the label-free pick when the data has labels
 
 
 @dataclass(frozen=True)
@@ -100,34 +111,35 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
         tracking.trial_run_name(params),
         config,
     )
-    output = Path(context.trials_dir) / trial_id
-    final_metrics = output / METRICS_FILE
-    if final_metrics.is_file():
+    output = storage.join(context.trials_dir, trial_id)
+    final_metrics = storage.join(output, METRICS_FILE)
+    if storage.exists(final_metrics):
         # Finished before the driver stopped, but after Tune last saved its state: report the
         # result again instead of training again.
-        tune.report(tracking.scalar_metrics(json.loads(final_metrics.read_text())))
+        tune.report(tracking.scalar_metrics(json.loads(storage.read_text(final_metrics))))
         return
     data = prepare_data(config)
-    output.mkdir(parents=True, exist_ok=True)
-    save_config(config, output / "config.yaml")
-    np.save(output / "lt_indices.npy", data.lt_indices)
+    save_run_inputs(config, data.lt_indices, output)
     if created:
-        client.log_artifact(run_id, str(output / "config.yaml"))
-        client.log_artifact(run_id, str(output / "lt_indices.npy"))
+        with tempfile.TemporaryDirectory() as folder:
+            save_config(config, Path(folder) / "config.yaml")
+            np.save(Path(folder) / "lt_indices.npy", data.lt_indices)
+            client.log_artifacts(run_id, folder)
     callback = _tune_report_callback()(context.space.search.metric, context.tracking_uri, run_id)
     metrics, checkpoint = run_training(
         config, output, data, newest_saved_state(output), callbacks=[callback]
     )
-    if checkpoint is not None and (checkpoint / ASSIGNMENTS_FILE).is_file():
-        assignments_file = checkpoint / ASSIGNMENTS_FILE
-        client.log_artifact(run_id, str(assignments_file))
-        plots = assignment_plots(
-            read_assignments(assignments_file), config.model.num_clusters, output / "plots"
-        )
-        for plot in plots:
-            client.log_artifact(run_id, str(plot), artifact_path="plots")
+    with tempfile.TemporaryDirectory() as folder:
+        table = Path(folder) / ASSIGNMENTS_FILE
+        if save_assignments(checkpoint, str(table)):
+            client.log_artifact(run_id, str(table))
+            plots = assignment_plots(
+                read_assignments(table), config.model.num_clusters, Path(folder) / "plots"
+            )
+            for plot in plots:
+                client.log_artifact(run_id, str(plot), artifact_path="plots")
     final = {**metrics, "epochs_done": int(metrics.get("epoch", -1)) + 1}
-    final_metrics.write_text(json.dumps(final, indent=2))
+    storage.write_text(final_metrics, json.dumps(final, indent=2))
 
 
 def _search_tracker(context: SearchContext) -> Any:
@@ -157,7 +169,7 @@ def _search_tracker(context: SearchContext) -> Any:
     return SearchTracker()
 
 
-def build_tuner(context: SearchContext, storage: Path, name: str, max_concurrent: int) -> Any:
+def build_tuner(context: SearchContext, location: str, name: str, max_concurrent: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -197,31 +209,36 @@ def build_tuner(context: SearchContext, storage: Path, name: str, max_concurrent
             scheduler=scheduler,
             search_alg=search_alg,
         ),
-        run_config=_run_config(context, storage, name),
+        run_config=_run_config(context, location, name),
     )
 
 
-def _run_config(context: SearchContext, storage: Path, name: str) -> Any:
+def _run_config(context: SearchContext, location: str, name: str) -> Any:
     from ray import tune
 
     return tune.RunConfig(
         name=name,
-        storage_path=str(storage),
+        storage_path=location,
         callbacks=[_search_tracker(context)],
         failure_config=tune.FailureConfig(max_failures=0),
         verbose=1,
     )
 
 
-def latest_search(storage: Path, name: str) -> Path:
-    """The newest search of this space under ``storage`` (what ``--resume`` continues)."""
-    found = sorted(storage.glob(f"{name}-*/{SEARCH_FILE}"))
+def latest_search(location: str, name: str) -> str:
+    """The newest search of this space under ``location`` (what ``--resume`` continues)."""
+    found = [
+        storage.join(location, folder)
+        for folder in storage.list_names(location)
+        if folder.startswith(f"{name}-")
+        and storage.exists(storage.join(location, folder, SEARCH_FILE))
+    ]
     if not found:
         raise UserError(
-            f"--resume: no search named {name!r} under --storage {storage}: expected a folder "
+            f"--resume: no search named {name!r} under --storage {location}: expected a folder "
             f"{name}-<date> holding {SEARCH_FILE}"
         )
-    return found[-1].parent
+    return found[-1]
 
 
 def summarize(results: Any, context: SearchContext, client: Any) -> dict[str, Any] | None:
@@ -245,12 +262,13 @@ def summarize(results: Any, context: SearchContext, client: Any) -> dict[str, An
                 **{f"train/{k}": metrics.get(f"train/{k}") for k in STATUS_COLUMNS},
             }
         )
-    folder = Path(context.trials_dir).parent
-    with open(folder / "trials.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])
-        writer.writeheader()
-        writer.writerows(rows)
-    client.log_artifact(context.parent_run_id, str(folder / "trials.csv"))
+    table_csv = io.StringIO()
+    writer = csv.DictWriter(table_csv, fieldnames=list(rows[0]) if rows else ["trial"])
+    writer.writeheader()
+    writer.writerows(rows)
+    search_folder = context.trials_dir.rsplit("/", 1)[0]
+    storage.write_text(storage.join(search_folder, "trials.csv"), table_csv.getvalue())
+    client.log_text(context.parent_run_id, table_csv.getvalue(), "trials.csv")
     table = Table(title=f"search {space.name}: {len(rows)} trials ({metric}, {space.search.mode})")
     for column in rows[0] if rows else ():
         table.add_column(
@@ -284,7 +302,42 @@ def summarize(results: Any, context: SearchContext, client: Any) -> dict[str, An
         "knn_acc",
     ]
     console.print(", ".join(f"{k} {best_metrics[k]:.3f}" for k in shown if k in best_metrics))
+    agreement = selection_agreement(rows, metric, best_metrics)
+    if agreement:
+        client.log_batch(
+            context.parent_run_id,
+            metrics=[
+                _metric(f"selection/{k}", v) for k, v in tracking.scalar_metrics(agreement).items()
+            ],
+        )
+        console.print(
+            f"label check ({LABEL_CHECK}): the pick ranks {agreement['pick_rank']:.0f} of "
+            f"{agreement['trials']:.0f} trials; Spearman({metric}, {LABEL_CHECK}) = "
+            f"{agreement['spearman']:.2f}"
+        )
     return best.metrics
+
+
+def selection_agreement(
+    rows: list[dict[str, Any]], metric: str, best: dict[str, float]
+) -> dict[str, float]:
+    """How well the (label-free) search metric picked, judged by the labels when there are any:
+    the pick's rank by train CAA and the rank correlation over all trials."""
+    from scipy.stats import spearmanr
+
+    pairs = [
+        (row[metric], row[LABEL_CHECK])
+        for row in rows
+        if row.get(metric) is not None and row.get(LABEL_CHECK) is not None
+    ]
+    if metric == LABEL_CHECK or len(pairs) < 3 or LABEL_CHECK not in best:
+        return {}
+    scores, caas = np.array(pairs, dtype=float).T
+    return {
+        "spearman": float(spearmanr(scores, caas).statistic),
+        "pick_rank": float(1 + np.sum(caas > best[LABEL_CHECK])),
+        "trials": float(len(pairs)),
+    }
 
 
 def _metric(key: str, value: float) -> Any:
@@ -316,7 +369,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
     )
     parser.add_argument(
-        "--storage", type=Path, default=Path("tune_results"), help="Tune state and checkpoints"
+        "--storage",
+        default="tune_results",
+        help="Tune state and checkpoints: a folder every node sees, or s3://BUCKET/PATH",
     )
     parser.add_argument(
         "--resume", action="store_true", help="finish the newest stopped search of --space"
@@ -327,33 +382,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def open_search(
     args: argparse.Namespace, space: SearchSpace, client: Any, uri: str
-) -> tuple[SearchContext, Path]:
+) -> tuple[SearchContext, str]:
     """A new search's context and folder, or those ``--resume`` continues."""
-    storage = args.storage.resolve()
+    location = storage.resolve(args.storage)
     if args.resume:
-        folder = latest_search(storage, space.name)
-        saved = json.loads((folder / SEARCH_FILE).read_text())
+        folder = latest_search(location, space.name)
+        saved = json.loads(storage.read_text(storage.join(folder, SEARCH_FILE)))
         experiment, parent = saved["experiment_id"], saved["parent_run_id"]
         client.update_run(parent, status="RUNNING")
     else:
-        folder = storage / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = storage.join(location, name)
         experiment = tracking.experiment_id(client, space.name)
         parent = tracking.start_parent(
             client,
             experiment,
-            folder.name,
+            name,
             {"space": str(args.space), "git_revision": tracking.git_revision()},
         )
         for key, value in tracking.flatten(space.base).items():
             client.log_param(parent, f"base.{key}", value)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / SEARCH_FILE).write_text(
+        storage.write_text(
+            storage.join(folder, SEARCH_FILE),
             json.dumps(
                 {"experiment_id": experiment, "parent_run_id": parent, "space": str(args.space)}
-            )
+            ),
         )
         client.log_artifact(parent, str(args.space))
-    context = SearchContext(space, uri, experiment, parent, str(folder / TRIALS_DIR))
+    context = SearchContext(space, uri, experiment, parent, storage.join(folder, TRIALS_DIR))
     return context, folder
 
 
@@ -383,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import tune
 
+    storage.check_shared(storage.resolve(args.storage), "--storage")
     if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < TRIAL_SHARE:
         raise UserError(
             f"the Ray cluster has no {TRIAL_RESOURCE} resource for trial drivers: start its head "
@@ -396,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     if args.resume:
         tuner = tune.Tuner.restore(
-            str(folder),
+            folder,
             trainable=tune.with_resources(
                 tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: TRIAL_SHARE}
             ),
@@ -404,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             resume_errored=False,
         )
     else:
-        tuner = build_tuner(context, folder.parent, folder.name, max_concurrent)
+        location, name = folder.rsplit("/", 1)
+        tuner = build_tuner(context, location, name, max_concurrent)
     results = None
     try:
         results = tuner.fit()

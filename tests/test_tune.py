@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import ray
 import requests
 import yaml
+from servers import MlflowServer
 
 from jdcl_ray.config import load_config
 from jdcl_ray.tracking import flatten
@@ -47,58 +47,6 @@ def write_space(folder: Path, name: str, **search) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 over a sqlite store, queried with its REST API."""
-
-    def __init__(self, db: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "mlflow", "server",
-                "--backend-store-uri", f"sqlite:///{db}",
-                "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
-                "--workers", "1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("mlflow server did not start")
-
-    def get(self, endpoint: str, **params) -> dict:
-        response = requests.get(f"{self.url}/api/2.0/mlflow/{endpoint}", params=params, timeout=30)
-        response.raise_for_status()
-        return response.json()
-
-    def post(self, endpoint: str, body: dict) -> dict:
-        response = requests.post(f"{self.url}/api/2.0/mlflow/{endpoint}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()
-
-    def runs(self, experiment_id: str) -> list[dict]:
-        return self.post(
-            "runs/search", {"experiment_ids": [experiment_id], "max_results": 1000}
-        ).get("runs", [])
-
-    def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(timeout=30)
 
 
 def tags(run: dict) -> dict[str, str]:
@@ -137,7 +85,7 @@ def test_search_is_one_parent_with_one_nested_child_per_trial(quick_search):
     assert len({tags(c)["trial_id"] for c in children}) == 3
     # The parent holds the best trial and the table of all trials.
     parent_metrics = {m["key"] for m in parent["data"]["metrics"]}
-    assert "best/selection_score" in parent_metrics
+    assert {"best/selection_score", "selection/pick_rank", "selection/trials"} <= parent_metrics
     listed = server.get("artifacts/list", run_id=parent["info"]["run_id"])
     assert "trials.csv" in {f["path"] for f in listed["files"]}
     trial_dirs = list((folder / "tune").glob(f"quick-*/{SEARCH_FILE}"))
