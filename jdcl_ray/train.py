@@ -118,8 +118,9 @@ def init_ray(address: str | None, resources: dict[str, float] | None = None) -> 
             except (ConnectionError, RuntimeError) as error:
                 raise UserError(f"Ray cluster at {address} is unreachable: {error}") from None
         else:
+            # "local": a new Ray here, never a stale `ray start` cluster found in /tmp/ray.
             # The dashboard hosts the State API that Train uses to clean up stopped runs.
-            ray.init(dashboard_host="127.0.0.1", resources=resources)
+            ray.init(address="local", dashboard_host="127.0.0.1", resources=resources)
     return bool(address)
 
 

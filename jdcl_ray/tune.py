@@ -186,15 +186,17 @@ def build_tuner(context: SearchContext, location: str, name: str, max_concurrent
         )
     else:
         scheduler = FIFOScheduler()
-    search_alg = None
     if search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=search.seed)
+        search_alg: Any = OptunaSearch(seed=search.seed)
+        limit: int | None = max_concurrent
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=search.seed)
+        # Tune applies max_concurrent_trials to Searchers only: this generator takes it itself.
+        search_alg = BasicVariantGenerator(random_state=search.seed, max_concurrent=max_concurrent)
+        limit = None
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: TRIAL_SHARE}
     )
@@ -205,7 +207,7 @@ def build_tuner(context: SearchContext, location: str, name: str, max_concurrent
             metric=search.metric,
             mode=search.mode,
             num_samples=search.num_samples,
-            max_concurrent_trials=max_concurrent,
+            max_concurrent_trials=limit,
             scheduler=scheduler,
             search_alg=search_alg,
         ),
@@ -471,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         unfinished = (
             results is None
             or len(results) < space.num_trials
-            or any(not (r.metrics or {}).get("done") and r.error is None for r in results)
+            or results.num_terminated + results.num_errors < len(results)
         )
         if unfinished:
             with contextlib.suppress(Exception):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +53,8 @@ class MlflowServer:
                 "--workers", "1",
                 *(["--artifacts-destination", str(artifacts)] if artifacts else []),
             ],
+            # No GenAI job runner (eight more processes): these tests only track training runs.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -111,7 +115,16 @@ class TwoNodeRay:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.processes: list[subprocess.Popen] = []
-        common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+        # Its own short temp dir (socket paths must stay short): its address file then can't
+        # make a later plain ray.init() try to join this cluster after it is stopped.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray2n-", dir="/tmp"))
+        common = [
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
+        ]
         self._start(
             folder / "head.log",
             "--head", f"--port={self.port}", "--dashboard-host=127.0.0.1",
@@ -179,3 +192,4 @@ class TwoNodeRay:
     def stop(self) -> None:
         for process in reversed(self.processes):
             stop_group(process)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

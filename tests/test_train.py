@@ -31,7 +31,7 @@ IDENTITY_VIEWS = [
 @pytest.fixture(scope="module")
 def local_ray():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1")
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1")
     yield
     ray.shutdown()
 
