@@ -9,6 +9,7 @@ import os
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 from pyarrow import fs as pafs
 
 from jdcl_ray.errors import UserError
@@ -32,7 +33,7 @@ def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(location):
         try:
             return pafs.FileSystem.from_uri(location)
-        except (pafs.ArrowInvalid, OSError, ValueError) as error:
+        except (pa.ArrowInvalid, OSError, ValueError) as error:
             raise UserError(f"storage {location!r} can't be opened: {error}") from None
     return pafs.LocalFileSystem(), location
 

@@ -1,0 +1,368 @@
+"""Benchmarks: ``python -m jdcl_ray.bench quality [--quick] [--json FILE] [--markdown FILE]``.
+
+``quality`` compares, on long-tailed sets at several imbalance ratios and seeds, with the same
+epochs (the same CPU budget) per run: k-means on pixels; SimCLR then k-means on its features;
+joint SimCLR + DDC; joint DCL with a fixed tau_plus + DDC (the paper); joint DCL with the pooled
+per-anchor prior + DDC (ours); an ablation of the clustering weight and the temperature of the
+last; and the statistics-pooling OOD score on held-out classes. Runs call the training loop
+directly (one process, every core): the same code as a Ray Train worker, without start-up noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from jdcl_ray import metrics
+from jdcl_ray.config import load_config
+from jdcl_ray.engine import RunData, WorkerContext, build_model, embed, fit, prepare_data
+from jdcl_ray.errors import run_cli
+
+# Method → config overrides on top of the base config ("ours": the pooled prior).
+METHODS: dict[str, dict[str, Any] | None] = {
+    "kmeans_pixels": None,
+    "simclr_kmeans": {
+        "loss": {"tau_plus": 0.0, "prior": "fixed", "clustering_weight": 0.0},
+        "eval": {"assign": "kmeans"},
+    },
+    "joint_simclr_ddc": {"loss": {"tau_plus": 0.0, "prior": "fixed"}, "eval": {"assign": "head"}},
+    "joint_dcl_fixed_ddc": {"loss": {"prior": "fixed"}, "eval": {"assign": "head"}},
+    "joint_dcl_pooled_ddc (ours)": {"loss": {"prior": "pooled"}, "eval": {"assign": "head"}},
+}
+FULL_METHOD = "joint_dcl_pooled_ddc (ours)"
+REPORTED = ("acc", "caa", "macro_f1", "nmi", "ari", "tail_acc", "knn_acc")
+
+
+@dataclass
+class Study:
+    """What one quality study runs (``--quick`` shrinks every axis but keeps every section)."""
+
+    base: str = "configs/fashion_lt.yaml"
+    imbalance_ratios: tuple[float, ...] = (1, 10, 100)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 30
+    max_images: int | None = None  # subsample the LT set (quick mode only)
+    ablation_ratio: float = 100
+    clustering_weights: tuple[float, ...] = (0.3, 1.0, 3.0)
+    temperatures: tuple[float, ...] = (0.1, 0.2, 0.5)
+    ood_classes: tuple[int, ...] = (8, 9)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls) -> Study:
+        return cls(
+            imbalance_ratios=(10,),
+            seeds=(0,),
+            epochs=1,
+            max_images=1200,
+            ablation_ratio=10,
+            clustering_weights=(0.3, 3.0),
+            temperatures=(0.5,),
+            overrides={"eval": {"knn_k": 5}, "optim": {"batch_size": 128}},
+        )
+
+
+def _subsample(data: RunData, limit: int | None, seed: int) -> RunData:
+    if limit is None or len(data.train.images) <= limit:
+        return data
+    keep = np.sort(np.random.default_rng(seed).choice(len(data.train.images), limit, replace=False))
+    evaluation = data.eval
+    if evaluation is not None and evaluation is not data.train and len(evaluation.images) > limit:
+        evaluation = evaluation.subset(np.arange(limit))
+    return replace(
+        data, train=data.train.subset(keep), eval=evaluation, lt_indices=data.lt_indices[keep]
+    )
+
+
+def run_config(study: Study, ratio: float, seed: int, method_overrides: dict[str, Any]) -> Any:
+    values: dict[str, Any] = copy.deepcopy(study.overrides)
+    for key, value in method_overrides.items():
+        values.setdefault(key, {}).update(value)
+    values.setdefault("data", {}).update({"imbalance_ratio": ratio, "seed": seed})
+    values.setdefault("run", {}).update({"seed": seed, "epochs": study.epochs, "workers": 1})
+    values.setdefault("eval", {}).setdefault("every", study.epochs)
+    return load_config(study.base, values)
+
+
+def kmeans_pixels(data: RunData, num_clusters: int, seed: int) -> dict[str, Any]:
+    pixels = data.train.images.flatten(1).float().numpy() / 255.0
+    clusters = KMeans(num_clusters, n_init=10, random_state=seed).fit_predict(pixels)
+    return _scores(data, clusters, num_clusters)
+
+
+def _scores(data: RunData, clusters: np.ndarray, num_clusters: int) -> dict[str, Any]:
+    labels = data.train.labels
+    result: dict[str, Any] = metrics.cluster_metrics(
+        labels, clusters, num_clusters, class_order=data.class_order
+    )
+    sizes = metrics.cluster_size_report(labels, clusters, num_clusters)
+    result.update(predicted_sizes=sizes["predicted_sizes"], true_sizes=sizes["true_sizes"])
+    return result
+
+
+def train_once(config: Any, data: RunData) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit in this process; the last epoch's metrics and the final training state."""
+    final: dict[str, Any] = {}
+
+    def keep_state(_metrics: dict, state: dict | None, _assignments: Any) -> None:
+        if state is not None:
+            final.update(state)
+
+    ctx = WorkerContext(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    last = fit(config, data, ctx, keep_state, log=lambda _line: None)
+    return last, final
+
+
+def method_run(study: Study, method: str, ratio: float, seed: int) -> dict[str, Any]:
+    overrides = METHODS[method]
+    config = run_config(study, ratio, seed, overrides or {})
+    data = _subsample(prepare_data(config), study.max_images, seed)
+    started = time.perf_counter()
+    if overrides is None:
+        scores = kmeans_pixels(data, config.model.num_clusters, seed)
+    else:
+        last, _ = train_once(config, data)
+        scores = {key.removeprefix("train/"): value for key, value in last.items()}
+    row = {"method": method, "imbalance_ratio": ratio, "seed": seed, "epochs": study.epochs}
+    row["wall_s"] = round(time.perf_counter() - started, 1)
+    row.update({key: scores.get(key) for key in REPORTED})
+    for key in ("predicted_sizes", "true_sizes"):  # largest first, to compare by rank
+        row[key] = sorted(scores[key], reverse=True) if scores.get(key) is not None else None
+    return row
+
+
+def ablation_run(study: Study, key: str, value: float, seed: int) -> dict[str, Any]:
+    overrides = copy.deepcopy(METHODS[FULL_METHOD]) or {}
+    section, name = key.split(".")
+    overrides.setdefault(section, {})[name] = value
+    config = run_config(study, study.ablation_ratio, seed, overrides)
+    data = _subsample(prepare_data(config), study.max_images, seed)
+    started = time.perf_counter()
+    last, _ = train_once(config, data)
+    row = {"parameter": key, "value": value, "imbalance_ratio": study.ablation_ratio, "seed": seed}
+    row["wall_s"] = round(time.perf_counter() - started, 1)
+    row.update({k: last.get(f"train/{k}", last.get(k)) for k in REPORTED})
+    return row
+
+
+def ood_run(study: Study, seed: int) -> dict[str, Any]:
+    """Train the full method on the LT set without ``ood_classes``; score held-out test images."""
+    held = list(study.ood_classes)
+    config = run_config(study, study.imbalance_ratios[-1], seed, METHODS[FULL_METHOD] or {})
+    data = prepare_data(config)
+    inside = ~np.isin(data.train.labels, held)
+    test = data.eval if data.eval is not None else data.train
+    test_inside, test_ood = ~np.isin(test.labels, held), np.isin(test.labels, held)
+    num_clusters = config.model.num_clusters - len(held)
+    config = replace(config, model=replace(config.model, num_clusters=num_clusters))
+    reduced = RunData(
+        train=data.train.subset(np.flatnonzero(inside)),
+        eval=test.subset(np.flatnonzero(test_inside)),
+        lt_indices=data.lt_indices[inside],
+        class_order=[c for c in data.class_order if c not in held],
+    )
+    reduced = _subsample(reduced, study.max_images, seed)
+    ood_images = test.subset(np.flatnonzero(test_ood))
+    if study.max_images is not None:
+        ood_images = ood_images.subset(np.arange(min(len(ood_images.images), study.max_images)))
+    last, state = train_once(config, reduced)
+    model = build_model(config, int(state["in_channels"]))
+    model.load_state_dict(state["model"])
+    device = torch.device("cpu")
+    scores_in = embed(model, reduced.eval.images, device)["ood"].numpy()
+    ood_out = embed(model, ood_images.images, device)
+    features = torch.nn.functional.normalize(ood_out["features"], dim=1).numpy()
+    pixels = ood_images.images.flatten(1).float().numpy() / 255.0
+    ood_labels = ood_images.labels
+    on_features = KMeans(len(held), n_init=10, random_state=seed).fit_predict(features)
+    on_pixels = KMeans(len(held), n_init=10, random_state=seed).fit_predict(pixels)
+    return {
+        "seed": seed,
+        "held_out_classes": held,
+        "in_distribution_images": len(scores_in),
+        "ood_images": len(ood_labels),
+        "auroc": metrics.ood_auroc(scores_in, ood_out["ood"].numpy()),
+        "train_caa": last.get("train/caa"),
+        "ood_clusters_features": _two(metrics.cluster_metrics(ood_labels, on_features, len(held))),
+        "ood_clusters_pixels": _two(metrics.cluster_metrics(ood_labels, on_pixels, len(held))),
+    }
+
+
+def _two(scores: dict[str, float]) -> dict[str, float]:
+    return {key: scores[key] for key in ("acc", "nmi", "ari")}
+
+
+def mean_std(rows: Iterable[dict[str, Any]], key: str) -> tuple[float, float]:
+    values = [
+        float(r[key]) for r in rows if r.get(key) is not None and math.isfinite(float(r[key]))
+    ]
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.mean(values)), float(np.std(values))
+
+
+def summarize(rows: list[dict[str, Any]], group: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Mean ± std of every reported metric over seeds, per ``group`` key combination."""
+    keys = list(dict.fromkeys(tuple(r[g] for g in group) for r in rows))  # in run order
+    table = []
+    for combo in keys:
+        members = [r for r in rows if tuple(r[g] for g in group) == combo]
+        entry: dict[str, Any] = dict(zip(group, combo, strict=True))
+        entry["seeds"] = len(members)
+        for key in REPORTED:
+            entry[key] = mean_std(members, key)
+        table.append(entry)
+    return table
+
+
+def quality(study: Study) -> dict[str, Any]:
+    started = time.perf_counter()
+    runs = [
+        method_run(study, method, ratio, seed)
+        for ratio in study.imbalance_ratios
+        for seed in study.seeds
+        for method in METHODS
+    ]
+    ablation = [
+        ablation_run(study, key, value, seed)
+        for key, values in (
+            ("loss.clustering_weight", study.clustering_weights),
+            ("loss.temperature", study.temperatures),
+        )
+        for value in values
+        for seed in study.seeds
+    ]
+    ood = [ood_run(study, seed) for seed in study.seeds]
+    return {
+        "study": {k: v for k, v in study.__dict__.items()},
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "runs": runs,
+        "summary": summarize(runs, ("method", "imbalance_ratio")),
+        "ablation": ablation,
+        "ablation_summary": summarize(ablation, ("parameter", "value")),
+        "ood": ood,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def _cell(value: tuple[float, float]) -> str:
+    mean, std = value
+    return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    lines = [
+        "# Quality study",
+        "",
+        f"Command: `{command}` — wall time {result['wall_s'] / 60:.1f} min on "
+        f"{result['machine']['platform']} ({result['machine']['torch_threads']} torch threads).",
+        "",
+        "## Methods (mean ± std over seeds, LT training set)",
+        "",
+        "| method | IR | seeds | " + " | ".join(REPORTED) + " |",
+        "|---|---|---|" + "---|" * len(REPORTED),
+    ]
+    for row in result["summary"]:
+        cells = " | ".join(_cell(row[k]) for k in REPORTED)
+        lines.append(f"| {row['method']} | {row['imbalance_ratio']:g} | {row['seeds']} | {cells} |")
+    lines += [
+        "",
+        "## Ablation of the full method (ours)",
+        "",
+        "| parameter | value | seeds | " + " | ".join(REPORTED) + " |",
+        "|---|---|---|" + "---|" * len(REPORTED),
+    ]
+    for row in result["ablation_summary"]:
+        cells = " | ".join(_cell(row[k]) for k in REPORTED)
+        lines.append(f"| {row['parameter']} | {row['value']:g} | {row['seeds']} | {cells} |")
+    lines += [
+        "",
+        "## Out-of-distribution (held-out classes of the test split)",
+        "",
+        "| seed | held out | AUROC | OOD k-means on features (ACC / NMI) | on pixels (ACC / NMI) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["ood"]:
+        f, p = row["ood_clusters_features"], row["ood_clusters_pixels"]
+        lines.append(
+            f"| {row['seed']} | {row['held_out_classes']} | {row['auroc']:.3f} | "
+            f"{f['acc']:.3f} / {f['nmi']:.3f} | {p['acc']:.3f} / {p['nmi']:.3f} |"
+        )
+    lines += ["", "## Predicted cluster sizes vs true class sizes (seed 0)", ""]
+    for row in result["runs"]:
+        if row["seed"] == result["runs"][0]["seed"] and row["predicted_sizes"] is not None:
+            lines.append(
+                f"- {row['method']}, IR {row['imbalance_ratio']:g}: {row['predicted_sizes']} "
+                f"vs {row['true_sizes']}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_caa(result: dict[str, Any], path: Path) -> Path:
+    """CAA against the imbalance ratio, one line per method, with ± std bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4))
+    for method in METHODS:
+        rows = [r for r in result["summary"] if r["method"] == method]
+        ratios = [r["imbalance_ratio"] for r in rows]
+        means = [r["caa"][0] for r in rows]
+        stds = [r["caa"][1] for r in rows]
+        axis.errorbar(ratios, means, yerr=stds, marker="o", capsize=3, label=method)
+    axis.set_xscale("log")
+    axis.set_xlabel("imbalance ratio")
+    axis.set_ylabel("CAA (LT training set)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jdcl_ray.bench", description=__doc__.split("\n\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    study = commands.add_parser("quality", help="the clustering-quality study")
+    study.add_argument("--quick", action="store_true", help="a few minutes: every section, tiny")
+    study.add_argument("--json", type=Path, help="write the raw result here")
+    study.add_argument("--markdown", type=Path, help="write the tables here (plots beside it)")
+    study.add_argument("--base", help="base config (default configs/fashion_lt.yaml)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    study = Study.quick() if args.quick else Study()
+    if args.base:
+        study.base = args.base
+    result = quality(study)
+    command = "python -m jdcl_ray.bench quality" + (" --quick" if args.quick else "")
+    text = markdown(result, command)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=float))
+    if args.markdown:
+        args.markdown.write_text(text)
+        plot_caa(result, args.markdown.with_name(args.markdown.stem + "_caa.png"))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
