@@ -334,6 +334,331 @@ def plot_caa(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+# --- throughput -------------------------------------------------------------------------------
+
+
+class PilViews(torch.utils.data.Dataset):
+    """The conventional pipeline, as peers ship it: SimCLR's transforms applied per PIL image,
+    two views per image, run in DataLoader worker processes."""
+
+    def __init__(self, images: torch.Tensor, config: Any) -> None:
+        from torchvision import transforms as T
+
+        self.images = images.permute(0, 2, 3, 1).squeeze(-1).numpy()  # HWC or HW for PIL
+        size = images.shape[-1]
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=config.crop_scale),
+                T.RandomHorizontalFlip(config.flip_p),
+                T.RandomApply([T.ColorJitter(*config.jitter)], p=config.jitter_p),
+                T.RandomGrayscale(config.grayscale_p),
+                T.ToTensor(),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        image = Image.fromarray(self.images[index])
+        return self.transform(image), self.transform(image)
+
+
+def conventional_batches(images: torch.Tensor, config: Any, batch: int, workers: int) -> Any:
+    loader = torch.utils.data.DataLoader(
+        PilViews(images, config),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+    while True:
+        yield from loader
+
+
+def _rate(images_per_call: int, calls: int, run: Any) -> float:
+    """Images per second of ``calls`` calls of ``run`` (after one warm-up call)."""
+    run()
+    started = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return images_per_call * calls / (time.perf_counter() - started)
+
+
+def synthetic_images(count: int, channels: int, side: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(
+        0, 256, (count, channels, side, side), dtype=torch.uint8, generator=generator
+    )
+
+
+def augmentation_throughput(channels: int, side: int, batch: int, calls: int, workers: int) -> dict:
+    from jdcl_ray.augment import AugmentConfig, BatchAugment
+
+    config = AugmentConfig()
+    images = synthetic_images(batch * 4, channels, side)
+    augment, generator = BatchAugment(config), torch.Generator().manual_seed(0)
+    order = iter(range(10**9))
+
+    def batched() -> None:
+        start = (next(order) % 4) * batch
+        augment.stacked_views(images[start : start + batch], generator)
+
+    conventional = conventional_batches(images, config, batch, workers)
+    batched_rate = _rate(batch, calls, batched)
+    conventional_rate = _rate(batch, calls, lambda: next(conventional))
+    return {
+        "batched_img_s": batched_rate,
+        "conventional_img_s": conventional_rate,
+        "ratio": batched_rate / conventional_rate,
+    }
+
+
+def step_throughput(
+    config: Any,
+    device: torch.device,
+    batch: int,
+    steps: int,
+    workers: int,
+    conventional: bool = True,
+) -> dict:
+    """Images/s of the full step, of the model step on ready tensors, and of the model step fed by
+    the conventional pipeline; also the share of the full step spent making its input."""
+    from jdcl_ray.augment import BatchAugment
+    from jdcl_ray.engine import autocast, build_optimizer, joint_loss
+
+    side, channels = (
+        28 if config.model.backbone == "small_cnn" else 32,
+        1 if config.model.backbone == "small_cnn" else 3,
+    )
+    images = synthetic_images(batch * 4, channels, side).to(device)
+    model = build_model(config, channels).to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, model)
+    augment, generator = BatchAugment(config.augment), torch.Generator(device).manual_seed(0)
+    epoch = max(
+        config.loss.clustering_warmup_epochs, config.loss.prior_warmup_epochs
+    )  # every term on
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def model_step(views: torch.Tensor) -> None:
+        with autocast(device):
+            losses = joint_loss(model, model, views, config, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+
+    ready = augment.stacked_views(images[:batch], generator)
+    order = iter(range(10**9))
+    input_time = [0.0]
+
+    def full_step() -> None:
+        start = (next(order) % 4) * batch
+        begun = time.perf_counter()
+        views = augment.stacked_views(images[start : start + batch], generator)
+        sync()
+        input_time[0] += time.perf_counter() - begun
+        model_step(views)
+        sync()
+
+    def ready_step() -> None:
+        model_step(ready)
+        sync()
+
+    model_rate = _rate(batch, steps, ready_step)
+    input_time[0] = 0.0
+    started = time.perf_counter()
+    full_rate = _rate(batch, steps, full_step)
+    full_seconds = batch * steps / full_rate
+    result = {
+        "model_only_img_s": model_rate,
+        "full_step_img_s": full_rate,
+        "full_vs_model_only": full_rate / model_rate,
+        "input_share_of_full_step": input_time[0]
+        / max(time.perf_counter() - started, full_seconds),
+    }
+    if conventional:
+        loader = conventional_batches(images.cpu(), config.augment, batch, workers)
+
+        def conventional_step() -> None:
+            first, second = next(loader)
+            model_step(torch.cat([first, second]).to(device, non_blocking=True))
+            sync()
+
+        rate = _rate(batch, steps, conventional_step)
+        result.update(conventional_img_s=rate, conventional_vs_model_only=rate / model_rate)
+    return result
+
+
+def ray_overhead(base: str, epochs: int, max_images: int) -> dict:
+    """One epoch's images/s under Ray Train (1 worker, all cores) vs the same loop bare here."""
+    import tempfile
+
+    from jdcl_ray import storage
+    from jdcl_ray.train import METRICS_FILE, TRAIN_DIR, init_ray, run_training
+
+    cores = torch.get_num_threads()
+    config = load_config(
+        base,
+        {
+            "run": {
+                "epochs": epochs,
+                "workers": 1,
+                "cpus_per_worker": cores,
+                "keep_checkpoints": epochs,
+            },
+            "eval": {"every": epochs + 1},
+        },
+    )
+    data = _subsample(prepare_data(config), max_images, 0)
+    rates: list[float] = []
+
+    def note(metrics_: dict, _state: Any, _assignments: Any) -> None:
+        rates.append(metrics_["images_per_s"])
+
+    started = time.perf_counter()
+    fit(config, data, WorkerContext(0, 1, torch.device("cpu")), note, log=lambda _line: None)
+    bare_wall = time.perf_counter() - started
+    bare = float(np.mean(rates[1:] or rates))
+    init_ray(None)
+    with tempfile.TemporaryDirectory() as output:
+        started = time.perf_counter()
+        run_training(config, output, data)
+        ray_wall = time.perf_counter() - started
+        runs = storage.join(output, TRAIN_DIR)
+        reported = sorted(
+            (
+                json.loads(storage.read_text(storage.join(runs, name, METRICS_FILE)))
+                for name in storage.list_names(runs)
+                if name.startswith("checkpoint_")
+            ),
+            key=lambda m: m["epoch"],
+        )
+    under_ray = float(
+        np.mean([m["images_per_s"] for m in reported[1:]] or [reported[-1]["images_per_s"]])
+    )
+    return {
+        "bare_epoch_img_s": bare,
+        "ray_epoch_img_s": under_ray,
+        "ray_vs_bare": under_ray / bare,
+        "ray_startup_and_teardown_s": ray_wall - bare_wall,
+        "epochs": epochs,
+        "images": len(data.train.images),
+    }
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _loss_step(inputs: tuple[torch.Tensor, ...], device: torch.device) -> None:
+    from jdcl_ray.losses import dcl_loss, ddc_loss
+
+    z1, z2, logits, hidden = inputs
+    loss = dcl_loss(z1, z2, 0.5, 0.1) + ddc_loss(logits.softmax(1), hidden)["total"]
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def loss_cost(global_batches: Iterable[int], device: torch.device, repeats: int) -> list[dict]:
+    """Forward + backward time and peak memory of dcl_loss + ddc_loss at each global batch
+    (B images: 2B projections of 128, 2B assignments over 10 clusters, 2B hidden rows of 100)."""
+    rows = []
+    for batch in global_batches:
+        generator = torch.Generator(device).manual_seed(0)
+        shapes = ((batch, 128), (batch, 128), (2 * batch, 10), (2 * batch, 100))
+        inputs = tuple(
+            torch.randn(*shape, device=device, generator=generator).requires_grad_()
+            for shape in shapes
+        )
+        _loss_step(inputs, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+        else:
+            baseline = _peak_rss_bytes() if _reset_peak_rss() else None
+        started = time.perf_counter()
+        for _ in range(repeats):
+            _loss_step(inputs, device)
+        seconds = (time.perf_counter() - started) / repeats
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() - baseline
+        else:
+            after = _peak_rss_bytes()
+            peak = None if baseline is None or after is None else after - baseline
+        rows.append(
+            {
+                "global_batch": batch,
+                "seconds": seconds,
+                "peak_extra_mb": None if peak is None else peak / 2**20,
+            }
+        )
+    return rows
+
+
+def throughput(quick: bool, base: str) -> dict[str, Any]:
+    """Every figure of the throughput suite, measured side by side in this one process."""
+    device = torch.device("cpu")
+    calls, steps = (3, 3) if quick else (20, 20)
+    workers = min(2, torch.get_num_threads())
+    small = load_config(base, {"optim": {"batch_size": 256}})
+    result: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "loader_workers": workers,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "augmentation": {
+            "rgb32": augmentation_throughput(3, 32, 256, calls, workers),
+            "grey28": augmentation_throughput(1, 28, 256, calls, workers),
+        },
+        "step": step_throughput(small, device, 256, steps, workers),
+        "ray": ray_overhead(base, 2 if quick else 4, 1024 if quick else 8192),
+        "loss": loss_cost((512, 1024) if quick else (512, 1024, 4096), device, 1 if quick else 3),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        gpu_config = load_config(
+            base,
+            {
+                "model": {"backbone": "resnet18_cifar"},
+                "augment": {"crop_scale": [0.08, 1.0]},
+                "optim": {"batch_size": 512},
+            },
+        )
+        gpu: dict[str, Any] = {}
+        for precision in ("fp32", "bf16"):
+            if precision == "fp32":
+                torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            else:
+                torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+            gpu[precision] = step_throughput(
+                gpu_config, cuda, 512, steps * 3, workers, conventional=precision == "bf16"
+            )
+        gpu["loss"] = loss_cost((512, 1024, 4096), cuda, 5)
+        result["gpu"] = gpu
+    return result
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jdcl_ray.bench", description=__doc__.split("\n\n")[0]
@@ -344,11 +669,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     study.add_argument("--json", type=Path, help="write the raw result here")
     study.add_argument("--markdown", type=Path, help="write the tables here (plots beside it)")
     study.add_argument("--base", help="base config (default configs/fashion_lt.yaml)")
+    speed = commands.add_parser("throughput", help="images/s of augmentation, step, Ray, losses")
+    speed.add_argument("--quick", action="store_true", help="seconds per figure instead of minutes")
+    speed.add_argument("--json", type=Path, help="write the JSON object here too")
+    speed.add_argument("--base", default="configs/fashion_lt.yaml", help="config of the step")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "throughput":
+        figures = throughput(args.quick, args.base)
+        text = json.dumps(figures, indent=1)
+        if args.json:
+            args.json.write_text(text)
+        print(text)
+        return 0
     study = Study.quick() if args.quick else Study()
     if args.base:
         study.base = args.base

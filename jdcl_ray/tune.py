@@ -335,6 +335,8 @@ def selection_agreement(
     if metric == LABEL_CHECK or len(pairs) < 3 or LABEL_CHECK not in best:
         return {}
     scores, caas = np.array(pairs, dtype=float).T
+    if scores.std() == 0 or caas.std() == 0:  # a rank correlation needs two distinct values
+        return {}
     return {
         "spearman": float(spearmanr(scores, caas).statistic),
         "pick_rank": float(1 + np.sum(caas > best[LABEL_CHECK])),
