@@ -312,10 +312,10 @@ def summarize(results: Any, context: SearchContext, client: Any) -> dict[str, An
                 _metric(f"selection/{k}", v) for k, v in tracking.scalar_metrics(agreement).items()
             ],
         )
+        spearman = agreement.get("spearman", float("nan"))
         console.print(
             f"label check ({LABEL_CHECK}): the pick ranks {agreement['pick_rank']:.0f} of "
-            f"{agreement['trials']:.0f} trials; Spearman({metric}, {LABEL_CHECK}) = "
-            f"{agreement['spearman']:.2f}"
+            f"{agreement['trials']:.0f} trials; Spearman({metric}, {LABEL_CHECK}) = {spearman:.2f}"
         )
     return best.metrics
 
@@ -335,13 +335,13 @@ def selection_agreement(
     if metric == LABEL_CHECK or len(pairs) < 3 or LABEL_CHECK not in best:
         return {}
     scores, caas = np.array(pairs, dtype=float).T
-    if scores.std() == 0 or caas.std() == 0:  # a rank correlation needs two distinct values
-        return {}
-    return {
-        "spearman": float(spearmanr(scores, caas).statistic),
+    agreement = {
         "pick_rank": float(1 + np.sum(caas > best[LABEL_CHECK])),
         "trials": float(len(pairs)),
     }
+    if scores.std() > 0 and caas.std() > 0:  # a rank correlation needs distinct values
+        agreement["spearman"] = float(spearmanr(scores, caas).statistic)
+    return agreement
 
 
 def _metric(key: str, value: float) -> Any:
