@@ -496,8 +496,7 @@ def ray_overhead(base: str, epochs: int, max_images: int) -> dict:
     """One epoch's images/s under Ray Train (1 worker, all cores) vs the same loop bare here."""
     import tempfile
 
-    from jdcl_ray import storage
-    from jdcl_ray.train import METRICS_FILE, TRAIN_DIR, init_ray, run_training
+    from jdcl_ray.train import init_ray, run_training, saved_checkpoints
 
     cores = torch.get_num_threads()
     config = load_config(
@@ -527,15 +526,7 @@ def ray_overhead(base: str, epochs: int, max_images: int) -> dict:
         started = time.perf_counter()
         run_training(config, output, data)
         ray_wall = time.perf_counter() - started
-        runs = storage.join(output, TRAIN_DIR)
-        reported = sorted(
-            (
-                json.loads(storage.read_text(storage.join(runs, name, METRICS_FILE)))
-                for name in storage.list_names(runs)
-                if name.startswith("checkpoint_")
-            ),
-            key=lambda m: m["epoch"],
-        )
+        reported = [metrics_ for metrics_, _ in saved_checkpoints(output)]
     under_ray = float(
         np.mean([m["images_per_s"] for m in reported[1:]] or [reported[-1]["images_per_s"]])
     )
@@ -549,22 +540,13 @@ def ray_overhead(base: str, epochs: int, max_images: int) -> dict:
     }
 
 
-def _peak_rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+def _loss_inputs(batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """B images → 2B projections of 128, 2B assignments over 10 clusters, 2B hidden rows of 100."""
+    generator = torch.Generator(device).manual_seed(0)
+    shapes = ((batch, 128), (batch, 128), (2 * batch, 10), (2 * batch, 100))
+    return tuple(
+        torch.randn(*shape, device=device, generator=generator).requires_grad_() for shape in shapes
+    )
 
 
 def _loss_step(inputs: tuple[torch.Tensor, ...], device: torch.device) -> None:
@@ -577,39 +559,50 @@ def _loss_step(inputs: tuple[torch.Tensor, ...], device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _status_bytes(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field_name}:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field_name} in /proc/self/status")
+
+
+def loss_peak_child(batch: int) -> None:
+    """In a fresh process (no allocator cache yet): peak RSS growth of one loss step, printed."""
+    inputs = _loss_inputs(batch, torch.device("cpu"))
+    before = _status_bytes("VmRSS")
+    _loss_step(inputs, torch.device("cpu"))
+    print(_status_bytes("VmHWM") - before)
+
+
+def _cpu_loss_peak_mb(batch: int) -> float | None:
+    import subprocess
+    import sys
+
+    code = f"from jdcl_ray.bench import loss_peak_child; loss_peak_child({batch})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        return None
+    return int(done.stdout.strip().splitlines()[-1]) / 2**20
+
+
 def loss_cost(global_batches: Iterable[int], device: torch.device, repeats: int) -> list[dict]:
-    """Forward + backward time and peak memory of dcl_loss + ddc_loss at each global batch
-    (B images: 2B projections of 128, 2B assignments over 10 clusters, 2B hidden rows of 100)."""
+    """Forward + backward time and peak memory of dcl_loss + ddc_loss at each global batch."""
     rows = []
     for batch in global_batches:
-        generator = torch.Generator(device).manual_seed(0)
-        shapes = ((batch, 128), (batch, 128), (2 * batch, 10), (2 * batch, 100))
-        inputs = tuple(
-            torch.randn(*shape, device=device, generator=generator).requires_grad_()
-            for shape in shapes
-        )
+        inputs = _loss_inputs(batch, device)
         _loss_step(inputs, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             baseline = torch.cuda.memory_allocated()
-        else:
-            baseline = _peak_rss_bytes() if _reset_peak_rss() else None
         started = time.perf_counter()
         for _ in range(repeats):
             _loss_step(inputs, device)
         seconds = (time.perf_counter() - started) / repeats
         if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated() - baseline
+            peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20
         else:
-            after = _peak_rss_bytes()
-            peak = None if baseline is None or after is None else after - baseline
-        rows.append(
-            {
-                "global_batch": batch,
-                "seconds": seconds,
-                "peak_extra_mb": None if peak is None else peak / 2**20,
-            }
-        )
+            peak = _cpu_loss_peak_mb(batch)
+        rows.append({"global_batch": batch, "seconds": seconds, "peak_extra_mb": peak})
     return rows
 
 

@@ -37,26 +37,31 @@ def load_state(checkpoint: str | Path) -> dict[str, Any]:
     return torch.load(source, map_location="cpu", weights_only=True)
 
 
+def saved_checkpoints(output: str) -> list[tuple[dict[str, Any], str]]:
+    """(metrics, folder) of every checkpoint in ``output`` with a readable metrics file, by epoch."""
+    runs = storage.join(output, TRAIN_DIR)
+    found = []
+    for name in storage.list_names(runs):
+        if not name.startswith("checkpoint_") or name.endswith(".json"):  # Ray's snapshot file
+            continue
+        folder = storage.join(runs, name)
+        try:
+            metrics = json.loads(storage.read_text(storage.join(folder, METRICS_FILE)))
+            int(metrics["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append((metrics, folder))
+    return sorted(found, key=lambda item: int(item[0]["epoch"]))
+
+
 def newest_saved_state(output: str) -> dict[str, Any] | None:
     """The state of the highest-epoch checkpoint in ``output`` that loads completely, or None.
 
     Ray records a checkpoint in its snapshot some time after the folder is written; a driver
     killed in between would make ``--resume`` redo epochs whose checkpoints are on disk.
-    Folders are tried newest first (by the epoch in their metrics file); only one is loaded
-    unless the newest was cut short by the kill.
+    Folders are tried newest first; only one is loaded unless the newest was cut short by the kill.
     """
-    runs = storage.join(output, TRAIN_DIR)
-    by_epoch = []
-    for name in storage.list_names(runs):
-        if not name.startswith("checkpoint_"):
-            continue
-        folder = storage.join(runs, name)
-        try:
-            epoch = int(json.loads(storage.read_text(storage.join(folder, METRICS_FILE)))["epoch"])
-        except (OSError, ValueError, KeyError):
-            continue
-        by_epoch.append((epoch, folder))
-    for _, folder in sorted(by_epoch, reverse=True):
+    for _, folder in reversed(saved_checkpoints(output)):
         try:
             return load_state(folder)
         except Exception:  # a state file cut short by the kill: try the next older one

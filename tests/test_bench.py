@@ -40,3 +40,53 @@ def test_quick_quality_study_has_every_section(tmp_path):
     ):
         assert heading in text
     assert (tmp_path / "quality_caa.png").stat().st_size > 0
+
+
+def positive_figures(value, path="") -> list[str]:
+    """Paths of every figure in a JSON tree that is not a positive number."""
+    if isinstance(value, dict):
+        return [
+            bad for key, item in value.items() for bad in positive_figures(item, f"{path}.{key}")
+        ]
+    if isinstance(value, list):
+        return [
+            bad for i, item in enumerate(value) for bad in positive_figures(item, f"{path}[{i}]")
+        ]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return []
+    return [] if value > 0 and math.isfinite(value) else [f"{path} = {value}"]
+
+
+def test_quick_throughput_reports_every_figure(tmp_path):
+    import ray
+
+    out = tmp_path / "throughput.json"
+    try:
+        assert main(["throughput", "--quick", "--json", str(out)]) == 0
+    finally:
+        ray.shutdown()
+    figures = json.loads(out.read_text())
+    for section in ("rgb32", "grey28"):
+        assert set(figures["augmentation"][section]) == {
+            "batched_img_s",
+            "conventional_img_s",
+            "ratio",
+        }
+    assert {
+        "model_only_img_s",
+        "full_step_img_s",
+        "full_vs_model_only",
+        "input_share_of_full_step",
+        "conventional_img_s",
+        "conventional_vs_model_only",
+    } <= set(figures["step"])
+    assert {
+        "bare_epoch_img_s",
+        "ray_epoch_img_s",
+        "ray_vs_bare",
+        "ray_startup_and_teardown_s",
+    } <= set(figures["ray"])
+    assert [row["global_batch"] for row in figures["loss"]] == [512, 1024]
+    assert all(row["peak_extra_mb"] is not None for row in figures["loss"])
+    assert figures["gpu"] is None or "bf16" in figures["gpu"]
+    assert positive_figures({k: v for k, v in figures.items() if k != "machine"}) == []

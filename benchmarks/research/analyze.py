@@ -97,6 +97,12 @@ def main():
     nbrs = None
     for m in methods:
         t = time.time()
+        if m == "nbr":
+            if nbrs is None:
+                nbrs = knn_graph(h, 20)
+            res[m] = {"purity20": round(float((labels[nbrs] == labels[:, None]).mean()), 4)}
+            print(m, res[m], flush=True)
+            continue
         if m == "head":
             cl = d["A"].argmax(1)
         elif m == "km_h":
