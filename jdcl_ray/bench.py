@@ -517,27 +517,49 @@ def ray_overhead(base: str, epochs: int, max_images: int) -> dict:
     def note(metrics_: dict, _state: Any, _assignments: Any) -> None:
         rates.append(metrics_["images_per_s"])
 
-    started = time.perf_counter()
     fit(config, data, WorkerContext(0, 1, torch.device("cpu")), note, log=lambda _line: None)
-    bare_wall = time.perf_counter() - started
     bare = float(np.mean(rates[1:] or rates))
     init_ray(None)
     with tempfile.TemporaryDirectory() as output:
-        started = time.perf_counter()
         run_training(config, output, data)
-        ray_wall = time.perf_counter() - started
         reported = [metrics_ for metrics_, _ in saved_checkpoints(output)]
     under_ray = float(
         np.mean([m["images_per_s"] for m in reported[1:]] or [reported[-1]["images_per_s"]])
     )
+    startup, teardown = ray_worker_startup(cores)
     return {
         "bare_epoch_img_s": bare,
         "ray_epoch_img_s": under_ray,
         "ray_vs_bare": under_ray / bare,
-        "ray_startup_and_teardown_s": ray_wall - bare_wall,
+        "worker_startup_s": startup,
+        "worker_teardown_s": teardown,
         "epochs": epochs,
         "images": len(data.train.images),
     }
+
+
+def _now() -> float:
+    return time.time()
+
+
+def ray_worker_startup(cores: float) -> tuple[float, float]:
+    """Seconds from ``TorchTrainer.fit()`` to its worker function starting, and from its end
+    to ``fit()`` returning (a 1-worker run whose function only returns the time)."""
+    import tempfile
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    with tempfile.TemporaryDirectory() as output:
+        trainer = TorchTrainer(
+            _now,
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cores}),
+            run_config=RunConfig(name="startup", storage_path=output),
+        )
+        called = time.time()
+        started = trainer.fit().return_value
+        returned = time.time()
+    return started - called, returned - started
 
 
 def _loss_inputs(batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
