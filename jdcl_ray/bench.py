@@ -467,17 +467,22 @@ def step_throughput(
         model_step(ready)
         sync()
 
-    model_rate = _rate(batch, steps, ready_step)
+    # Alternate the two steps so that both see the same machine (load, clocks, caches).
+    ready_step()
+    full_step()
+    spent = {"ready": 0.0, "full": 0.0}
     input_time[0] = 0.0
-    started = time.perf_counter()
-    full_rate = _rate(batch, steps, full_step)
-    full_seconds = batch * steps / full_rate
+    for _ in range(steps):
+        for name, step in (("ready", ready_step), ("full", full_step)):
+            begun = time.perf_counter()
+            step()
+            spent[name] += time.perf_counter() - begun
+    model_rate, full_rate = batch * steps / spent["ready"], batch * steps / spent["full"]
     result = {
         "model_only_img_s": model_rate,
         "full_step_img_s": full_rate,
         "full_vs_model_only": full_rate / model_rate,
-        "input_share_of_full_step": input_time[0]
-        / max(time.perf_counter() - started, full_seconds),
+        "input_share_of_full_step": input_time[0] / spent["full"],
     }
     if conventional:
         loader = conventional_batches(images.cpu(), config.augment, batch, workers)
