@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 TRIAL_TAG = "trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+CHECKPOINT_TAG = "checkpoint"  # a trial's final checkpoint folder (path or URI): what predict loads
 # Short names of the searched keys in run names; other keys use their last part.
 SHORT_NAMES = {
     "loss.temperature": "t",

@@ -39,11 +39,13 @@ from jdcl_ray.report import assignment_plots
 from jdcl_ray.space import SearchSpace, load_space, tune_distribution
 from jdcl_ray.train import (
     METRICS_FILE,
+    STATE_FILE,
     init_ray,
     newest_saved_state,
     run_training,
     save_assignments,
     save_run_inputs,
+    saved_checkpoints,
     trials_that_fit,
 )
 
@@ -138,8 +140,49 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
             )
             for plot in plots:
                 client.log_artifact(run_id, str(plot), artifact_path="plots")
+    tag_checkpoint(client, run_id, context, trial_id)
     final = {**metrics, "epochs_done": int(metrics.get("epoch", -1)) + 1}
     storage.write_text(final_metrics, json.dumps(final, indent=2))
+
+
+def tag_checkpoint(client: Any, run_id: str, context: SearchContext, trial_id: str) -> None:
+    """Point the trial's run at its newest complete checkpoint (what predict and report load)."""
+    saved = saved_checkpoints(storage.join(context.trials_dir, trial_id))
+    if saved:
+        client.set_tag(run_id, tracking.CHECKPOINT_TAG, saved[-1][1])
+
+
+def register_best(client: Any, context: SearchContext, trial_id: str) -> str | None:
+    """Register the best trial's model (state, metrics, config) as a new version of
+    ``jdcl-<space name>``; returns its ``models:/NAME/VERSION`` URI."""
+    child = tracking.find_child(client, context.experiment_id, context.parent_run_id, trial_id)
+    location = child.data.tags.get(tracking.CHECKPOINT_TAG) if child is not None else None
+    if location is None:
+        return None
+    run_id = child.info.run_id
+    with tempfile.TemporaryDirectory() as folder:
+        for name in (STATE_FILE, METRICS_FILE):
+            (Path(folder) / name).write_bytes(storage.read_bytes(storage.join(location, name)))
+        config = storage.read_text(storage.join(context.trials_dir, trial_id, "config.yaml"))
+        (Path(folder) / "config.yaml").write_text(config)
+        final = json.loads((Path(folder) / METRICS_FILE).read_text())
+        client.log_artifacts(run_id, folder, artifact_path="model")
+    name = f"jdcl-{context.space.name}"
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="jdcl-ray: best model of each search")
+    metric = context.space.search.metric
+    version = client.create_model_version(
+        name,
+        f"runs:/{run_id}/model",
+        run_id=run_id,
+        tags={
+            "config": config,
+            metric: str(final.get(metric)),
+            tracking.CHECKPOINT_TAG: location,
+        },
+        description=f"best trial {trial_id} by {metric} ({context.space.search.mode})",
+    )
+    return f"models:/{name}/{version.version}"
 
 
 def _search_tracker(context: SearchContext) -> Any:
@@ -155,6 +198,8 @@ def _search_tracker(context: SearchContext) -> Any:
                     client, context.experiment_id, context.parent_run_id, trial.trial_id
                 )
                 if child is not None:
+                    if tracking.CHECKPOINT_TAG not in child.data.tags:  # stopped early
+                        tag_checkpoint(client, child.info.run_id, context, trial.trial_id)
                     tracking.set_status(client, child.info.run_id, status)
             except Exception as error:  # tracking must not stop the search
                 logger.warning("MLflow: could not end trial %s's run: %s", trial.trial_id, error)
@@ -485,7 +530,14 @@ def main(argv: list[str] | None = None) -> int:
             f"search stopped before it finished: continue it with python -m jdcl_ray.tune "
             f"--space {args.space} --storage {args.storage} --resume"
         )
-    summarize(results, context, client)
+    best = summarize(results, context, client)
+    if best is not None:
+        registered = register_best(client, context, str(best["trial_id"]))
+        if registered:
+            client.set_tag(context.parent_run_id, "registered_model", registered)
+            print(
+                f"best model: {registered}  (python -m jdcl_ray.predict --model {registered} ...)"
+            )
     tracking.set_status(client, context.parent_run_id, "FINISHED")
     print(f"Tune state: {folder}")
     print(where_to_look(context))

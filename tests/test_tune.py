@@ -90,6 +90,20 @@ def test_search_is_one_parent_with_one_nested_child_per_trial(quick_search):
     assert "trials.csv" in {f["path"] for f in listed["files"]}
     trial_dirs = list((folder / "tune").glob(f"quick-*/{SEARCH_FILE}"))
     assert len(trial_dirs) == 1
+    # Every trial points at its checkpoint; the best model is registered with its config.
+    assert all(tags(c)["checkpoint"].rsplit("/", 1)[-1].startswith("checkpoint_") for c in children)
+    registered = tags(parent)["registered_model"]
+    name, version = registered.removeprefix("models:/").split("/")
+    model = server.get("model-versions/get", name=name, version=version)["model_version"]
+    version_tags = {t["key"]: t["value"] for t in model["tags"]}
+    assert "loss:" in version_tags["config"] and version_tags["checkpoint"]
+    best = next(c for c in children if c["info"]["run_id"] == model["run_id"])
+    model_files = server.get("artifacts/list", run_id=best["info"]["run_id"], path="model")["files"]
+    assert {f["path"] for f in model_files} >= {
+        "model/state.pt",
+        "model/metrics.json",
+        "model/config.yaml",
+    }
 
 
 def test_child_runs_hold_config_metrics_per_epoch_and_tags(quick_search):
