@@ -238,6 +238,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         )
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e8 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation is bool or annotation is int:
         ok = isinstance(value, annotation) and (annotation is bool or not isinstance(value, bool))
     else:

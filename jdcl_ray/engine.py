@@ -34,8 +34,9 @@ LOSS_TERMS = ("total", "dcl", "ddc_l1", "ddc_l2", "ddc_l3", "ddc")  # reported a
 Report = Callable[[dict[str, Any], dict[str, Any] | None, dict[str, np.ndarray] | None], None]
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced inf/NaN: continuing would only log NaN metrics."""
+class NonFiniteLossError(UserError):
+    """Training produced inf/NaN: continuing (or retrying) would only log NaN metrics. Almost
+    always a setting (learning rate, temperature), so it is reported like a user mistake."""
 
 
 @dataclass
@@ -345,6 +346,9 @@ def fit(
             (run.seed * 100_003 + epoch) * 1_009 + ctx.rank
         )
         sums = torch.zeros(len(LOSS_TERMS), device=ctx.device)
+        # The first step with a non-finite term and its terms, kept on the device (no sync).
+        first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
+        bad_terms = torch.zeros(len(LOSS_TERMS), device=ctx.device)
         for step in range(steps_per_epoch):
             first = step * global_batch + ctx.rank * local_batch
             batch = images[order[first : first + local_batch]]
@@ -355,16 +359,22 @@ def fit(
             losses["total"].backward()
             optimizer.step()
             scheduler.step()
-            sums += torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
+            terms = torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
+            sums += terms
+            newly_bad = ~torch.isfinite(terms).all() & (first_bad < 0)
+            first_bad = torch.where(newly_bad, step, first_bad)
+            bad_terms = torch.where(newly_bad, terms, bad_terms)
         means = (sums / steps_per_epoch).tolist()
         elapsed = time.perf_counter() - started
         epoch_metrics: dict[str, Any] = {
             f"loss/{k}": v for k, v in zip(LOSS_TERMS, means, strict=True)
         }
-        if not all(math.isfinite(v) for v in means):
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_TERMS, means, strict=True))
+        bad_step = int(first_bad)
+        if bad_step >= 0:
+            values = zip(LOSS_TERMS, bad_terms.tolist(), strict=True)
             raise NonFiniteLossError(
-                f"non-finite loss in epoch {epoch} (mean over its {steps_per_epoch} steps: {terms}); "
+                f"non-finite loss at step {epoch * steps_per_epoch + bad_step} (epoch {epoch}, step "
+                f"{bad_step} of {steps_per_epoch}): {', '.join(f'{k}={v:.4g}' for k, v in values)}; "
                 f"lower optim.lr (now {config.optim.lr}) or raise loss.temperature"
             )
         epoch_metrics["epoch"] = epoch

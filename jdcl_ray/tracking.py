@@ -203,7 +203,7 @@ class EpochLog:
     epochs wait here and go out with the next one that gets through; each failure is logged.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    def __init__(self, tracking_uri: str, run_id: str | None) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.last_epoch: int | None = None
@@ -213,6 +213,8 @@ class EpochLog:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
+        if self.run_id is None:  # the run could not be opened (already said): nothing to log to
+            return
         epoch = int(metrics["epoch"])
         self.pending.append((epoch, scalar_metrics(metrics)))
         client = MlflowClient(self.tracking_uri)

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,19 +23,26 @@ import yaml
 
 from jdcl_ray import storage
 from jdcl_ray.config import Config, config_yaml, from_dict, load_config, merge, parse_overrides
-from jdcl_ray.engine import RunData, fit, prepare_data, worker_context
+from jdcl_ray.engine import NonFiniteLossError, RunData, fit, prepare_data, worker_context
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.predict import ASSIGNMENTS_FILE, write_assignments
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 TRAIN_DIR = "train"
+NON_FINITE = "non_finite_loss"  # key of a worker's return value when training diverged
 
 
 def load_state(checkpoint: str | Path) -> dict[str, Any]:
     """A checkpoint's training state; weights_only=True so a checkpoint can't run code."""
-    source = storage.open_bytes(storage.join(str(checkpoint), STATE_FILE))
-    return torch.load(source, map_location="cpu", weights_only=True)
+    location = storage.join(str(checkpoint), STATE_FILE)
+    try:
+        return torch.load(storage.open_bytes(location), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[0][:160]
+        raise UserError(
+            f"{location} is not a weights-only checkpoint: refused to unpickle it ({reason})"
+        ) from None
 
 
 def saved_checkpoints(output: str) -> list[tuple[dict[str, Any], str]]:
@@ -106,7 +114,11 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     # Train V2 routes worker prints through its logger: log once, through logging.
-    return fit(config, data, ctx, report, restored, log=logging.getLogger("jdcl_ray").info)
+    try:
+        return fit(config, data, ctx, report, restored, log=logging.getLogger("jdcl_ray").info)
+    except NonFiniteLossError as error:
+        # Returned, not raised: Ray would restart the workers and hit the same NaN again.
+        return {NON_FINITE: str(error)}
 
 
 def init_ray(address: str | None, resources: dict[str, float] | None = None) -> bool:
@@ -203,6 +215,9 @@ def run_training(
         ),
     )
     result = trainer.fit()
+    returned = result.return_value or {}
+    if NON_FINITE in returned:
+        raise NonFiniteLossError(returned[NON_FINITE])
     return dict(result.metrics or {}), result.checkpoint
 
 

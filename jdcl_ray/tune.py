@@ -24,9 +24,10 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -50,6 +51,7 @@ from jdcl_ray.train import (
 )
 
 logger = logging.getLogger("jdcl_ray")
+T = TypeVar("T")
 
 # Trials hold a sliver of this custom resource instead of a CPU, so Train workers get every core.
 TRIAL_RESOURCE = "TRAIN_DRIVER"
@@ -78,7 +80,7 @@ def _tune_report_callback() -> type:
         """Log each epoch to the trial's MLflow run; forward it to Tune with the search metric
         carried over epochs that skip evaluation (``eval.every``), and ``epochs_done``."""
 
-        def __init__(self, metric: str, tracking_uri: str, run_id: str) -> None:
+        def __init__(self, metric: str, tracking_uri: str, run_id: str | None) -> None:
             super().__init__()
             self.metric = metric
             self.epoch_log = tracking.EpochLog(tracking_uri, run_id)
@@ -105,14 +107,18 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     config = context.space.trial_config(params)
     client = MlflowClient(context.tracking_uri)
-    run_id, created = tracking.child_run(
-        client,
-        context.experiment_id,
-        context.parent_run_id,
-        trial_id,
-        tracking.trial_run_name(params),
-        config,
+    opened = tracked(
+        f"trial {trial_id}'s run",
+        lambda: tracking.child_run(
+            client,
+            context.experiment_id,
+            context.parent_run_id,
+            trial_id,
+            tracking.trial_run_name(params),
+            config,
+        ),
     )
+    run_id, created = opened if opened is not None else (None, False)
     output = storage.join(context.trials_dir, trial_id)
     final_metrics = storage.join(output, METRICS_FILE)
     if storage.exists(final_metrics):
@@ -122,27 +128,42 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
         return
     data = prepare_data(config)
     save_run_inputs(config, data.lt_indices, output)
-    if created:
-        with tempfile.TemporaryDirectory() as folder:
-            save_config(config, Path(folder) / "config.yaml")
-            np.save(Path(folder) / "lt_indices.npy", data.lt_indices)
-            client.log_artifacts(run_id, folder)
+    with tempfile.TemporaryDirectory() as folder:
+        save_config(config, Path(folder) / "config.yaml")
+        np.save(Path(folder) / "lt_indices.npy", data.lt_indices)
+        if created:
+            tracked("the trial's config", lambda: client.log_artifacts(run_id, folder))
     callback = _tune_report_callback()(context.space.search.metric, context.tracking_uri, run_id)
     metrics, checkpoint = run_training(
         config, output, data, newest_saved_state(output), callbacks=[callback]
     )
     with tempfile.TemporaryDirectory() as folder:
         table = Path(folder) / ASSIGNMENTS_FILE
-        if save_assignments(checkpoint, str(table)):
-            client.log_artifact(run_id, str(table))
+        if run_id is not None and save_assignments(checkpoint, str(table)):
             plots = assignment_plots(
                 read_assignments(table), config.model.num_clusters, Path(folder) / "plots"
             )
-            for plot in plots:
-                client.log_artifact(run_id, str(plot), artifact_path="plots")
-    tag_checkpoint(client, run_id, context, trial_id)
+
+            def log_outputs() -> None:
+                client.log_artifact(run_id, str(table))
+                for plot in plots:
+                    client.log_artifact(run_id, str(plot), artifact_path="plots")
+                tag_checkpoint(client, run_id, context, trial_id)
+
+            tracked(f"trial {trial_id}'s assignments, plots and checkpoint tag", log_outputs)
     final = {**metrics, "epochs_done": int(metrics.get("epoch", -1)) + 1}
     storage.write_text(final_metrics, json.dumps(final, indent=2))
+
+
+def tracked(what: str, action: Callable[[], T]) -> T | None:
+    """Do an MLflow call; if the tracking server is away, say what was not logged and go on:
+    training and checkpoints matter more than the record of them."""
+    try:
+        return action()
+    except Exception as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        logger.warning("MLflow: %s not logged (%s)", what, reason)
+        return None
 
 
 def tag_checkpoint(client: Any, run_id: str, context: SearchContext, trial_id: str) -> None:
@@ -315,7 +336,10 @@ def summarize(results: Any, context: SearchContext, client: Any) -> dict[str, An
     writer.writerows(rows)
     search_folder = context.trials_dir.rsplit("/", 1)[0]
     storage.write_text(storage.join(search_folder, "trials.csv"), table_csv.getvalue())
-    client.log_text(context.parent_run_id, table_csv.getvalue(), "trials.csv")
+    tracked(
+        "the trials table",
+        lambda: client.log_text(context.parent_run_id, table_csv.getvalue(), "trials.csv"),
+    )
     table = Table(title=f"search {space.name}: {len(rows)} trials ({metric}, {space.search.mode})")
     for column in rows[0] if rows else ():
         table.add_column(
@@ -335,13 +359,17 @@ def summarize(results: Any, context: SearchContext, client: Any) -> dict[str, An
         console.print("no trial reported the search metric")
         return None
     best_metrics = tracking.scalar_metrics(best.metrics)
-    client.log_batch(
-        context.parent_run_id,
-        metrics=[_metric(f"best/{k}", v) for k, v in best_metrics.items()],
-    )
-    for key, value in (best.config or {}).items():
-        client.log_param(context.parent_run_id, f"best.{key}", str(value))
-    client.set_tag(context.parent_run_id, "best_trial", str(best.metrics.get("trial_id")))
+
+    def log_best() -> None:
+        client.log_batch(
+            context.parent_run_id,
+            metrics=[_metric(f"best/{k}", v) for k, v in best_metrics.items()],
+        )
+        for key, value in (best.config or {}).items():
+            client.log_param(context.parent_run_id, f"best.{key}", str(value))
+        client.set_tag(context.parent_run_id, "best_trial", str(best.metrics.get("trial_id")))
+
+    tracked("the best trial's summary", log_best)
     console.print(f"best trial {best.metrics.get('trial_id')}: {best.config}")
     shown = [
         metric,
@@ -351,11 +379,9 @@ def summarize(results: Any, context: SearchContext, client: Any) -> dict[str, An
     console.print(", ".join(f"{k} {best_metrics[k]:.3f}" for k in shown if k in best_metrics))
     agreement = selection_agreement(rows, metric, best_metrics)
     if agreement:
-        client.log_batch(
-            context.parent_run_id,
-            metrics=[
-                _metric(f"selection/{k}", v) for k, v in tracking.scalar_metrics(agreement).items()
-            ],
+        selection = [_metric(f"selection/{k}", v) for k, v in agreement.items()]
+        tracked(
+            "the label check", lambda: client.log_batch(context.parent_run_id, metrics=selection)
         )
         spearman = agreement.get("spearman", float("nan"))
         console.print(
@@ -532,13 +558,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     best = summarize(results, context, client)
     if best is not None:
-        registered = register_best(client, context, str(best["trial_id"]))
+        registered = tracked(
+            "the best model", lambda: register_best(client, context, str(best["trial_id"]))
+        )
         if registered:
-            client.set_tag(context.parent_run_id, "registered_model", registered)
+            tracked(
+                "the registered model's name",
+                lambda: client.set_tag(context.parent_run_id, "registered_model", registered),
+            )
             print(
                 f"best model: {registered}  (python -m jdcl_ray.predict --model {registered} ...)"
             )
-    tracking.set_status(client, context.parent_run_id, "FINISHED")
+    tracked(
+        "the search's end", lambda: tracking.set_status(client, context.parent_run_id, "FINISHED")
+    )
     print(f"Tune state: {folder}")
     print(where_to_look(context))
     return 0
