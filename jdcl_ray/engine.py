@@ -77,6 +77,11 @@ def prepare_data(config: Config) -> RunData:
             f"config key 'model.num_clusters' = {config.model.num_clusters} is larger than the "
             f"{len(train.images)} training images of {train.name}"
         )
+    if len(train.images) < config.optim.batch_size:
+        raise UserError(
+            f"config key 'optim.batch_size' = {config.optim.batch_size} is larger than the "
+            f"{len(train.images)} training images of {train.name}"
+        )
     if cfg.eval_split == "test":
         evaluation = load_dataset(cfg.name, cfg.root, split="test", **options)
     elif cfg.eval_split == "train":
@@ -310,12 +315,7 @@ def fit(
     global_batch = config.optim.batch_size
     local_batch = global_batch // ctx.world_size
     num_images = len(data.train.images)
-    steps_per_epoch = num_images // global_batch
-    if steps_per_epoch < 1:
-        raise UserError(
-            f"config key 'optim.batch_size' = {global_batch} is larger than the {num_images} "
-            f"training images of {data.train.name}"
-        )
+    steps_per_epoch = num_images // global_batch  # >= 1: checked by prepare_data
     # channels-last: faster convolutions on GPU (tensor cores) and on CPU (oneDNN) alike.
     model = build_model(config, data.train.images.shape[1]).to(
         ctx.device, memory_format=torch.channels_last

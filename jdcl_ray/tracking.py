@@ -40,6 +40,17 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def redact(text: str, uri: str | None = None) -> str:
+    """``text`` fit to print or log: the credentials of ``uri`` (default: ``text`` itself is the
+    URI), as in ``http://user:secret@host``, become ``***``."""
+    from urllib.parse import urlsplit
+
+    netloc = urlsplit(uri or text).netloc
+    if "@" not in netloc:
+        return text
+    return text.replace(netloc.rsplit("@", 1)[0] + "@", "***@")
+
+
 def connect(uri: str) -> Any:
     """An MlflowClient for ``uri``, after checking a server answers (one line if it doesn't)."""
     # Fail in seconds, not after MLflow's default minutes of retries.
@@ -52,7 +63,7 @@ def connect(uri: str) -> Any:
         logging.getLogger(name).setLevel(logging.WARNING)
     if not uri.startswith(("http://", "https://", "sqlite:///", "databricks")):
         raise UserError(
-            f"--tracking-uri {uri!r} is not supported: expected http(s)://HOST:PORT of an MLflow "
+            f"--tracking-uri {redact(uri)!r} is not supported: expected http(s)://HOST:PORT of an MLflow "
             f"server or sqlite:///PATH.db"
         )
     client = MlflowClient(uri)
@@ -60,7 +71,9 @@ def connect(uri: str) -> Any:
         client.search_experiments(max_results=1)
     except Exception as error:  # any failure to reach the store is the same user-facing fact
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise UserError(f"MLflow tracking server {uri} is unreachable: {reason}") from None
+        raise UserError(
+            f"MLflow tracking server {redact(uri)} is unreachable: {redact(reason, uri)}"
+        ) from None
     return client
 
 
@@ -235,6 +248,6 @@ class EpochLog:
                 "MLflow: could not log epoch(s) %s to run %s at %s (%s); kept, retried next epoch",
                 [step for step, _ in self.pending],
                 self.run_id,
-                self.tracking_uri,
-                first,
+                redact(self.tracking_uri),
+                redact(first, self.tracking_uri),
             )

@@ -429,7 +429,7 @@ def where_to_look(context: SearchContext) -> str:
             f"MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
             f"http://127.0.0.1:5000/{link}"
         )
-    return f"MLflow: {uri.rstrip('/')}/{link}"
+    return f"MLflow: {tracking.redact(uri).rstrip('/')}/{link}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -173,3 +174,43 @@ def test_a_pickled_payload_in_a_checkpoint_is_refused(tmp_path):
         load_state(tmp_path)
     torch.save({"epoch": 1, "model": {"w": torch.zeros(2)}}, tmp_path / "state.pt")
     assert load_state(tmp_path)["epoch"] == 1
+
+
+def test_uris_with_credentials_are_redacted_in_messages():
+    from jdcl_ray.tracking import connect, redact
+
+    assert (
+        redact("https://alice:s3cret@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
+    )
+    assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    with pytest.raises(UserError) as raised:
+        connect("http://alice:s3cret@127.0.0.1:9")
+    assert "s3cret" not in str(raised.value) and "***@127.0.0.1:9" in str(raised.value)
+
+
+def test_shipped_files_hold_no_credentials():
+    pattern = re.compile(
+        r"AKIA[0-9A-Z]{16}|aws_secret_access_key|secret_key\s*[:=]|password\s*[:=]|token\s*[:=]\s*\S{8,}",
+        re.IGNORECASE,
+    )
+    files = [
+        p
+        for folder in ("configs", "cluster", "tune_spaces")
+        for p in (ROOT / folder).glob("*.yaml")
+    ]
+    assert files
+    leaks = [f"{p.name}: {m.group(0)}" for p in files for m in pattern.finditer(p.read_text())]
+    assert leaks == []
+
+
+def test_local_ray_dashboard_listens_on_loopback():
+    import ray
+
+    from jdcl_ray.train import init_ray
+
+    try:
+        init_ray(None)
+        url = ray._private.worker.global_worker.node.address_info["webui_url"]
+        assert url.split(":")[0] in ("127.0.0.1", "localhost"), url
+    finally:
+        ray.shutdown()
