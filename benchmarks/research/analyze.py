@@ -61,8 +61,9 @@ def train_head(h, loss_name, epochs=30, batch=512, seed=0, nbrs=None, prior_mode
             idx = perm[s:s + batch]
             A, H = head(x[idx])
             if loss_name.startswith("ddc"):
-                mode = loss_name.split("_")[1]  # uniform / prior / none
-                out = V.ddc_loss_prior(A, H, pi, mode)
+                mode = loss_name.split("_")[1]  # uniform / prior / none / priorGG (gamma GG/10)
+                gamma = float(mode[5:]) / 10 if mode.startswith("prior") and len(mode) > 5 else 1.0
+                out = V.ddc_loss_prior(A, H, pi, mode[:5] if mode.startswith("prior") else mode, gamma=gamma)
                 loss = out["total"]
             elif loss_name == "scan":
                 j = torch.as_tensor(nbrs[idx.numpy(), torch.randint(nbrs.shape[1], (len(idx),), generator=g).numpy()])

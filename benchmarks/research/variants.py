@@ -21,7 +21,7 @@ def ddc_kernel(hidden: Tensor) -> Tensor:
 
 def ddc_loss_prior(assignments: Tensor, hidden: Tensor, proportions: Tensor | None = None,
                    l2_mode: str = "uniform", l2_weight: float = 1.0,
-                   min_proportion: float = 0.01) -> dict[str, Tensor]:
+                   min_proportion: float = 0.01, gamma: float = 1.0) -> dict[str, Tensor]:
     """DDC with a choice of L2: 'uniform' (DDC), 'prior' (columns weighted by 1/(K pi_k),
     optimum at cluster sizes n_k ∝ pi_k), 'none' (L1 + L3 only)."""
     a = assignments.float()
@@ -36,7 +36,7 @@ def ddc_loss_prior(assignments: Tensor, hidden: Tensor, proportions: Tensor | No
         if l2_mode == "prior" and proportions is not None:
             pi = proportions.detach().to(a).clamp_min(min_proportion)
             pi = pi / pi.sum()
-            w = 1.0 / (k * pi)
+            w = (k * pi) ** (-gamma)
         else:
             w = a.new_ones(k)
         col = a.sum(0)
