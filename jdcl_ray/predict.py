@@ -1,14 +1,43 @@
-"""Apply what was learned: cluster assignments as Parquet tables."""
+"""Apply what was learned: ``python -m jdcl_ray.predict --model RUN_ID|CHECKPOINT --data
+FOLDER|PARQUET [--output FILE.parquet] [--embeddings] [--address ADDRESS]``.
+
+Every image gets a cluster, a confidence, an OOD score and an OOD flag (score above the 95th
+percentile of the training images' scores). Inputs stream in chunks of ``--batch-size`` images
+(folders walked lazily, Parquet read batch by batch) and each chunk is written as a row group,
+so memory stays flat whatever the number of images. With ``--address``, the chunks are Ray Data
+``map_batches`` over a cluster and the driver writes the rows as they come back, in order.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+
+from jdcl_ray import storage, tracking
+from jdcl_ray.config import Config, from_dict
+from jdcl_ray.data.sources import IMAGE_EXTENSIONS, decode_images, parquet_image_bytes
+from jdcl_ray.engine import build_model, embed, kmeans_probabilities, prepare_data
+from jdcl_ray.errors import UserError, run_cli
+from jdcl_ray.models import JointModel
 
 ASSIGNMENTS_FILE = "assignments.parquet"
+OOD_QUANTILE = 0.95  # engine.evaluate's ood_threshold: the training scores' 95th percentile
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+CPU = torch.device("cpu")
+
+# (where, file or encoded bytes): what sources.decode_images reads, one image per pair.
+Sources = list[tuple[str, Path | bytes]]
 
 
 def write_assignments(columns: dict[str, np.ndarray], path: str | Path) -> Path:
@@ -21,3 +50,391 @@ def write_assignments(columns: dict[str, np.ndarray], path: str | Path) -> Path:
 def read_assignments(path: str | Path) -> dict[str, np.ndarray]:
     table = pq.read_table(path)
     return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+# --- which checkpoint ------------------------------------------------------------------------
+
+
+def resolve_model(model: str, tracking_uri: str) -> str:
+    """The checkpoint folder named by ``model``: a checkpoint folder (holding state.pt), a Train
+    run folder (its newest complete checkpoint), an MLflow run id (its ``checkpoint`` tag; a
+    search's parent run stands for its best trial) or ``models:/NAME/VERSION``."""
+    from jdcl_ray.train import STATE_FILE, saved_checkpoints  # train imports this module
+
+    if model.startswith("models:/"):
+        return resolve_model(_registered_run(model, tracking_uri), tracking_uri)
+    location = storage.resolve(model)
+    if storage.exists(location):
+        if storage.exists(storage.join(location, STATE_FILE)):
+            return location
+        for _, folder in reversed(saved_checkpoints(location)):
+            if storage.exists(storage.join(folder, STATE_FILE)):
+                return folder
+        raise UserError(
+            f"--model {location} holds no {STATE_FILE} and no train/checkpoint_*/{STATE_FILE}: "
+            "expected a checkpoint folder or a training run's folder"
+        )
+    if RUN_ID.match(model):
+        return resolve_model(_run_checkpoint(model, tracking_uri), tracking_uri)
+    raise UserError(
+        f"--model {model!r} is not a folder, an MLflow run id (32 hex digits) or "
+        "models:/NAME/VERSION"
+    )
+
+
+def _run_checkpoint(run_id: str, tracking_uri: str) -> str:
+    """The run's checkpoint tag; for a search's parent run, that of its best trial's run."""
+    client = tracking.connect(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        where = tracking.redact(tracking_uri)
+        raise UserError(f"MLflow run {run_id} is not in {where}") from None
+    tags = run.data.tags
+    if tracking.CHECKPOINT_TAG not in tags and "best_trial" in tags:
+        child = tracking.find_child(client, run.info.experiment_id, run_id, tags["best_trial"])
+        if child is not None:
+            run, tags = child, child.data.tags
+    if tracking.CHECKPOINT_TAG not in tags:
+        raise UserError(
+            f"MLflow run {run.info.run_id} has no {tracking.CHECKPOINT_TAG!r} tag: expected a "
+            "trial's run (or a search's run with a best trial) whose checkpoint was recorded"
+        )
+    return tags[tracking.CHECKPOINT_TAG]
+
+
+def _registered_run(uri: str, tracking_uri: str) -> str:
+    """The run id behind a registered model version ``models:/NAME/VERSION``."""
+    name, _, version = uri.removeprefix("models:/").rpartition("/")
+    client = tracking.connect(tracking_uri)
+    try:
+        run_id = client.get_model_version(name, version).run_id
+    except Exception:
+        raise UserError(
+            f"--model {uri}: no such model version in {tracking.redact(tracking_uri)}: "
+            "expected models:/NAME/VERSION"
+        ) from None
+    if not run_id:
+        raise UserError(f"--model {uri}: the model version names no run")
+    return run_id
+
+
+# --- the model, ready to apply ---------------------------------------------------------------
+
+
+@dataclass
+class Predictor:
+    """A trained model with what applying it needs, picklable so Ray Data workers get a copy."""
+
+    model: JointModel
+    side: int  # training images' side: inputs are resized to side x side
+    channels: int
+    ood_threshold: float
+    centers: np.ndarray | None  # k-means centroids when the run assigned with k-means, else None
+    config: Config
+    embeddings: bool = False
+    device: torch.device = CPU
+
+    def to(self, device: torch.device) -> Predictor:
+        self.model.to(device, memory_format=torch.channels_last)
+        self.device = device
+        return self
+
+    def __call__(self, sources: Sources) -> dict[str, np.ndarray]:
+        """cluster, confidence, ood_score, ood (and embedding) of one chunk of encoded images."""
+        images = decode_images(sources, self.side, self.channels)
+        out = embed(self.model, images, self.device, batch_size=len(images))
+        features = torch.nn.functional.normalize(out["features"], dim=1).numpy()
+        if self.centers is None:
+            probabilities = out["assignments"].numpy()
+            clusters = probabilities.argmax(1)
+        else:  # as engine.evaluate: nearest centroid, softmax over cosine similarity
+            distances = ((features[:, None] - self.centers[None]) ** 2).sum(-1)
+            clusters = distances.argmin(1)
+            probabilities = kmeans_probabilities(features, self.centers, self.config)
+        ood = out["ood"].numpy()
+        columns = {
+            "cluster": clusters.astype(np.int64),
+            "confidence": probabilities[np.arange(len(clusters)), clusters].astype(np.float32),
+            "ood_score": ood.astype(np.float32),
+            "ood": ood > self.ood_threshold,
+        }
+        if self.embeddings:
+            columns["embedding"] = features.astype(np.float32)
+        return columns
+
+
+def load_predictor(checkpoint: str, embeddings: bool = False) -> Predictor:
+    """The checkpoint's model, its input size and OOD threshold, and k-means centroids if the
+    run assigned clusters with k-means (the means of the training features of each cluster in
+    the checkpoint's assignments). The training data is loaded only when the config doesn't
+    give the image size or k-means needs the training features."""
+    from jdcl_ray.train import METRICS_FILE, load_state
+
+    state = load_state(checkpoint)
+    config = from_dict(state["config"])
+    model = build_model(config, int(state["in_channels"]))
+    model.load_state_dict(state["model"])
+    metrics_file = storage.join(checkpoint, METRICS_FILE)
+    metrics = json.loads(storage.read_text(metrics_file)) if storage.exists(metrics_file) else {}
+    kmeans = config.eval.assign == "kmeans"
+    side, threshold, centers = config.data.image_size, metrics.get("ood_threshold"), None
+    if side is None or kmeans or threshold is None:
+        train = prepare_data(config).train
+        side = side or train.images.shape[-1]
+    if kmeans or threshold is None:
+        out = embed(model, train.images, CPU)
+        if threshold is None:
+            threshold = float(np.quantile(out["ood"].numpy(), OOD_QUANTILE))
+        if kmeans:
+            centers = _centroids(checkpoint, out["features"], config.model.num_clusters)
+    return Predictor(
+        model=model,
+        side=int(side),
+        channels=int(state["in_channels"]),
+        ood_threshold=float(threshold),
+        centers=centers,
+        config=config,
+        embeddings=embeddings,
+    )
+
+
+def _centroids(checkpoint: str, features: torch.Tensor, num_clusters: int) -> np.ndarray:
+    table = storage.join(checkpoint, ASSIGNMENTS_FILE)
+    if not storage.exists(table):
+        raise UserError(
+            f"checkpoint {checkpoint} has no {ASSIGNMENTS_FILE}, which a k-means run "
+            "(eval.assign: kmeans) needs: expected the run's final checkpoint"
+        )
+    clusters = read_assignments(storage.open_bytes(table))["cluster"]
+    normalized = torch.nn.functional.normalize(features, dim=1).numpy()
+    return np.stack([normalized[clusters == k].mean(0) for k in range(num_clusters)])
+
+
+# --- inputs, in chunks -----------------------------------------------------------------------
+
+
+def _walk_images(folder: Path) -> Iterator[Path]:
+    """Image files under ``folder`` in sorted order, one directory listed at a time."""
+    entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            yield from _walk_images(Path(entry.path))
+        elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+            yield Path(entry.path)
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _parquet_file(path: Path, image_column: str) -> pq.ParquetFile:
+    try:
+        # pre_buffer (the default) reads far ahead of one batch: memory would grow with the file.
+        parquet = pq.ParquetFile(path, pre_buffer=False)
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"--data {path} cannot be read as Parquet: {error}") from None
+    if image_column not in parquet.schema_arrow.names:
+        raise UserError(
+            f"--data {path} has no image column {image_column!r}: found "
+            f"{', '.join(parquet.schema_arrow.names)} (pick one with --image-column)"
+        )
+    return parquet
+
+
+def _parquet_sources(table: pa.Table, path: Path, image_column: str, first: int) -> Sources:
+    blobs = parquet_image_bytes(table.column(image_column), path, image_column)
+    return [(f"{path} row {first + row}", blob) for row, blob in enumerate(blobs)]
+
+
+def input_chunks(
+    data: Path, batch_size: int, image_column: str = "image"
+) -> tuple[Iterator[tuple[dict[str, Any], Sources]], int | None]:
+    """(id columns, sources) per chunk of ``data``, and the number of images when known.
+
+    Folders give each image's ``path``; Parquet tables each row's ``index``.
+    """
+    if data.is_dir():
+
+        def folder_chunks() -> Iterator[tuple[dict[str, Any], Sources]]:
+            for files in _batched(_walk_images(data), batch_size):
+                yield {"path": [str(file) for file in files]}, [(str(f), f) for f in files]
+
+        return folder_chunks(), None
+    if not data.is_file():
+        raise UserError(f"--data {data} does not exist: expected a folder of images or a .parquet")
+    parquet = _parquet_file(data, image_column)
+
+    def parquet_chunks() -> Iterator[tuple[dict[str, Any], Sources]]:
+        first = 0
+        for batch in parquet.iter_batches(batch_size, columns=[image_column]):
+            table = pa.Table.from_batches([batch])
+            yield (
+                {"index": np.arange(first, first + len(table), dtype=np.int64)},
+                _parquet_sources(table, data, image_column, first),
+            )
+            first += len(table)
+
+    return parquet_chunks(), parquet.metadata.num_rows
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def _table(columns: dict[str, Any]) -> pa.Table:
+    arrays = {}
+    for name, values in columns.items():
+        if name == "embedding":
+            flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+            values = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+        arrays[name] = values if isinstance(values, pa.Array) else pa.array(values)
+    return pa.table(arrays)
+
+
+def write_stream(tables: Iterable[pa.Table], output: str, total: int | None) -> int:
+    """Write tables as they come, one row group each, under a progress bar; returns the rows."""
+    from tqdm import tqdm
+
+    writer, rows = None, 0
+    try:
+        with tqdm(total=total, unit="img", desc="predict", disable=None) as bar:
+            for table in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(output, table.schema)
+                writer.write_table(table)
+                rows += len(table)
+                bar.update(len(table))
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def predict_local(predictor: Predictor, data: Path, output: str, batch_size: int, **kw: Any) -> int:
+    chunks, total = input_chunks(data, batch_size, **kw)
+    tables = (_table({**ids, **predictor(sources)}) for ids, sources in chunks)
+    return write_stream(tables, output, total)
+
+
+class _RayBatch:
+    """A Ray Data actor: one copy of the model, on this worker's GPU when it has one."""
+
+    def __init__(self, predictor: Predictor, data: str, image_column: str | None) -> None:
+        self.predictor = predictor.to(default_device())
+        self.data = Path(data)
+        self.image_column = image_column
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if self.image_column is None:  # read_binary_files: columns bytes, path
+            paths = table.column("path").to_pylist()
+            sources: Sources = list(zip(paths, table.column("bytes").to_pylist(), strict=True))
+            return _table({"path": paths, **self.predictor(sources)})
+        return _table(self.predictor(_parquet_sources(table, self.data, self.image_column, 0)))
+
+
+def predict_ray(
+    predictor: Predictor, data: Path, output: str, batch_size: int, image_column: str = "image"
+) -> int:
+    """The same rows through Ray Data: files read and predicted on the cluster's workers."""
+    import ray
+    from ray.data.context import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True
+    if data.is_dir():
+        extensions = [suffix.lstrip(".") for suffix in sorted(IMAGE_EXTENSIONS)]
+        dataset = ray.data.read_binary_files(
+            str(data), include_paths=True, file_extensions=extensions
+        )
+        column, total = None, None
+    elif data.is_file():
+        total = _parquet_file(data, image_column).metadata.num_rows
+        dataset = ray.data.read_parquet(str(data)).select_columns([image_column])
+        column = image_column
+    else:
+        raise UserError(f"--data {data} does not exist: expected a folder of images or a .parquet")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    results = dataset.map_batches(
+        _RayBatch,
+        fn_constructor_args=(predictor, str(data), column),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=max(int(gpus), 1),
+        num_gpus=1 if gpus else 0,
+    )
+    first = 0
+
+    def numbered() -> Iterator[pa.Table]:
+        nonlocal first
+        for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if column is not None:  # Parquet rows: number them in order, as the local path does
+                batch = batch.add_column(
+                    0, "index", pa.array(np.arange(first, first + len(batch), dtype=np.int64))
+                )
+                first += len(batch)
+            yield batch
+
+    return write_stream(numbered(), output, total)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jdcl_ray.predict", description=__doc__)
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint folder, training run folder, MLflow run id or models:/NAME/VERSION",
+    )
+    parser.add_argument(
+        "--data", required=True, type=Path, help="folder of images or Parquet table"
+    )
+    parser.add_argument("--output", default="predictions.parquet", help="Parquet file to write")
+    parser.add_argument("--image-column", default="image", help="Parquet column of image bytes")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per chunk")
+    parser.add_argument(
+        "--embeddings", action="store_true", help="also write each image's L2-normalised features"
+    )
+    parser.add_argument(
+        "--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
+    parser.add_argument("--address", help="run as Ray Data jobs on this Ray cluster")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    checkpoint = resolve_model(args.model, args.tracking_uri or tracking.default_tracking_uri())
+    predictor = load_predictor(checkpoint, args.embeddings)
+    options = {"batch_size": args.batch_size, "image_column": args.image_column}
+    if args.address:
+        from jdcl_ray.train import init_ray
+
+        init_ray(args.address)
+        rows = predict_ray(predictor, args.data, args.output, **options)
+    else:
+        rows = predict_local(predictor.to(default_device()), args.data, args.output, **options)
+    if rows == 0:
+        raise UserError(f"--data {args.data} holds no images: expected image files or table rows")
+    print(f"{rows} images from {args.data} → {args.output} (model {checkpoint})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,8 +1,15 @@
 """The pictures people look at after a run: cluster sizes, confusion after matching, per-class
-accuracy. Plain matplotlib (Agg) from an assignments table, so they can be drawn anywhere."""
+accuracy, a 2-D map of the embeddings, example images per cluster and the OOD score histogram.
+Plain matplotlib (Agg), so they can be drawn anywhere.
+
+``python -m jdcl_ray.report --run RUN_ID [--output DIR]`` draws them all for a run's final
+checkpoint (its training images embedded again) and logs them to the run under ``report/``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -10,9 +17,25 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
+from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 
+from jdcl_ray import storage, tracking
+from jdcl_ray.config import from_dict
+from jdcl_ray.engine import build_model, embed, prepare_data
+from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.metrics import match_clusters
+from jdcl_ray.predict import (
+    ASSIGNMENTS_FILE,
+    OOD_QUANTILE,
+    RUN_ID,
+    read_assignments,
+    resolve_model,
+)
+from jdcl_ray.train import METRICS_FILE, load_state
+
+MAP_POINTS = 2000  # t-SNE is quadratic-ish: a seeded subsample keeps it to seconds
 
 
 def _save(figure: plt.Figure, path: Path) -> Path:
@@ -94,3 +117,135 @@ def assignment_plots(
             plot_class_accuracy(labels, clusters, num_clusters, folder / "class_accuracy.png")
         )
     return paths
+
+
+def plot_embedding_map(
+    features: np.ndarray, clusters: np.ndarray, labels: np.ndarray | None, path: Path
+) -> Path:
+    """t-SNE of (at most MAP_POINTS of) the features, coloured by cluster and by true class."""
+    rng = np.random.default_rng(0)
+    keep = np.sort(rng.permutation(len(features))[:MAP_POINTS])
+    points = TSNE(
+        2, perplexity=min(30.0, len(keep) - 1.0), init="pca", random_state=0
+    ).fit_transform(features[keep])
+    colourings = [("cluster", clusters)] + ([("true class", labels)] if labels is not None else [])
+    figure, axes = plt.subplots(1, len(colourings), figsize=(5.2 * len(colourings), 4.8))
+    for axis, (name, values) in zip(np.atleast_1d(axes), colourings, strict=True):
+        values = values[keep]
+        cmap = "tab10" if values.max() < 10 else "tab20" if values.max() < 20 else "nipy_spectral"
+        axis.scatter(points[:, 0], points[:, 1], c=values, cmap=cmap, s=6, linewidths=0)
+        axis.set_title(f"t-SNE of the features, by {name}")
+        axis.set_xticks([])
+        axis.set_yticks([])
+    return _save(figure, path)
+
+
+def plot_examples(
+    images: np.ndarray,
+    clusters: np.ndarray,
+    confidence: np.ndarray,
+    num_clusters: int,
+    path: Path,
+    per_side: int = 8,
+) -> Path:
+    """One row per cluster, largest first: its most confident images, a gap, its least."""
+    _, channels, height, width = images.shape
+    sizes = np.bincount(clusters, minlength=num_clusters)
+    order = [k for k in np.argsort(-sizes, kind="stable") if sizes[k]]
+    mosaic = np.full(
+        (len(order) * (height + 1), (2 * per_side + 1) * (width + 1), channels), 255, np.uint8
+    )
+    for row, cluster in enumerate(order):
+        members = np.flatnonzero(clusters == cluster)
+        ranked = members[np.argsort(-confidence[members], kind="stable")]
+        most, least = ranked[:per_side], ranked[-per_side:]
+        slots = [*enumerate(most), *((per_side + 1 + j, i) for j, i in enumerate(least))]
+        for column, index in slots:
+            top, left = row * (height + 1), column * (width + 1)
+            mosaic[top : top + height, left : left + width] = images[index].transpose(1, 2, 0)
+    figure, axis = plt.subplots(figsize=(8, max(2.0, 0.5 * len(order))))
+    axis.imshow(mosaic.squeeze(-1) if channels == 1 else mosaic, cmap="gray")
+    axis.set_yticks(
+        [(row + 0.5) * (height + 1) for row in range(len(order))],
+        [f"{k} ({sizes[k]})" for k in order],
+    )
+    half = per_side * (width + 1) / 2
+    axis.set_xticks([half, mosaic.shape[1] - half], ["most confident", "least confident"])
+    axis.set_ylabel("cluster (images)")
+    axis.set_title("Examples per cluster")
+    return _save(figure, path)
+
+
+def plot_ood_histogram(scores: np.ndarray, threshold: float, path: Path) -> Path:
+    figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    axis.hist(scores, bins=50)
+    axis.axvline(threshold, color="red", linestyle="--", label=f"OOD threshold {threshold:.3g}")
+    axis.set_xlabel("OOD score (distance to the nearest cluster)")
+    axis.set_ylabel("training images")
+    axis.set_title("OOD scores of the training images")
+    axis.legend()
+    return _save(figure, path)
+
+
+def run_report(run_id: str, tracking_uri: str, folder: Path) -> list[Path]:
+    """Every plot of the run's final checkpoint, written to ``folder`` and logged to the run."""
+    if not RUN_ID.match(run_id):
+        raise UserError(f"--run {run_id!r} is not an MLflow run id: expected 32 hex digits")
+    checkpoint = resolve_model(run_id, tracking_uri)
+    table = storage.join(checkpoint, ASSIGNMENTS_FILE)
+    if not storage.exists(table):
+        raise UserError(
+            f"run {run_id}'s checkpoint {checkpoint} has no {ASSIGNMENTS_FILE}: expected the "
+            "final checkpoint of a finished run"
+        )
+    assignments = read_assignments(storage.open_bytes(table))
+    state = load_state(checkpoint)
+    config = from_dict(state["config"])
+    model = build_model(config, int(state["in_channels"]))
+    model.load_state_dict(state["model"])
+    train = prepare_data(config).train
+    if not np.array_equal(assignments["index"], state["lt_indices"].numpy()):
+        raise UserError(f"{table} does not list the training images of {checkpoint}")
+    out = embed(model, train.images, torch.device("cpu"))
+    features = torch.nn.functional.normalize(out["features"], dim=1).numpy()
+    metrics = json.loads(storage.read_text(storage.join(checkpoint, METRICS_FILE)))
+    scores = assignments["ood_score"]
+    threshold = metrics.get("ood_threshold", float(np.quantile(scores, OOD_QUANTILE)))
+    clusters, num_clusters = assignments["cluster"], config.model.num_clusters
+    paths = assignment_plots(assignments, num_clusters, folder)
+    paths += [
+        plot_embedding_map(
+            features, clusters, assignments.get("label"), folder / "embedding_map.png"
+        ),
+        plot_examples(
+            train.images.numpy(),
+            clusters,
+            assignments["confidence"],
+            num_clusters,
+            folder / "examples.png",
+        ),
+        plot_ood_histogram(scores, threshold, folder / "ood_histogram.png"),
+    ]
+    client = tracking.connect(tracking_uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path="report")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jdcl_ray.report", description=__doc__)
+    parser.add_argument("--run", required=True, help="MLflow run id of a trial (or a search)")
+    parser.add_argument("--output", type=Path, help="folder for the PNGs (default report-RUN)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
+    args = parser.parse_args(argv)
+    folder = args.output or Path(f"report-{args.run[:8]}")
+    uri = args.tracking_uri or tracking.default_tracking_uri()
+    paths = run_report(args.run, uri, folder)
+    print(f"{len(paths)} plots in {folder}, logged to run {args.run} under report/")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -405,7 +405,7 @@ def _open_image(where: str, source: Path | bytes) -> Iterator[Image.Image]:
         ) from error
 
 
-def _decode_images(
+def decode_images(
     sources: Sequence[tuple[str, Path | bytes]], image_size: int | None, channels: int | None
 ) -> torch.Tensor:
     """Decode ``(where, file or bytes)`` pairs to uint8 (N, C, H, W).
@@ -482,7 +482,7 @@ def load_image_folder(
                 f"image folder {root} has no images: expected {', '.join(sorted(IMAGE_EXTENSIONS))} "
                 "files or class sub-folders"
             )
-    images = _decode_images([(str(path), path) for path in files], image_size, channels)
+    images = decode_images([(str(path), path) for path in files], image_size, channels)
     return ImageDataset(images, labels, classes, f"folder/{root.name}")
 
 
@@ -521,7 +521,7 @@ def _parquet_labels(
     )
 
 
-def _parquet_image_bytes(column: pa.ChunkedArray, path: Path, name: str) -> list[bytes]:
+def parquet_image_bytes(column: pa.ChunkedArray, path: Path, name: str) -> list[bytes]:
     kind = column.type
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
         column = pa.chunked_array([chunk.field("bytes") for chunk in column.chunks])
@@ -580,8 +580,8 @@ def load_parquet(
         ) from error
     if table.num_rows == 0:
         raise UserError(f"Parquet file {path} has no rows: expected at least one image")
-    blobs = _parquet_image_bytes(table.column(image_column), path, image_column)
-    images = _decode_images(
+    blobs = parquet_image_bytes(table.column(image_column), path, image_column)
+    images = decode_images(
         [(f"{path} row {row}", blob) for row, blob in enumerate(blobs)], image_size, channels
     )
     labels, class_names = None, []
