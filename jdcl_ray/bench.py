@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import platform
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,7 @@ from sklearn.cluster import KMeans
 from jdcl_ray import metrics
 from jdcl_ray.config import load_config
 from jdcl_ray.engine import RunData, WorkerContext, build_model, embed, fit, prepare_data
-from jdcl_ray.errors import run_cli
+from jdcl_ray.errors import UserError, run_cli
 
 # Method → config overrides on top of the base config ("ours": the pooled prior).
 METHODS: dict[str, dict[str, Any] | None] = {
@@ -53,7 +54,7 @@ class Study:
     imbalance_ratios: tuple[float, ...] = (1, 10, 100)
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 30
-    max_images: int | None = None  # subsample the LT set (quick mode only)
+    max_images: int | None = None  # subsample every LT set (the per-run budget)
     ablation_ratio: float = 100
     clustering_weights: tuple[float, ...] = (0.3, 1.0, 3.0)
     temperatures: tuple[float, ...] = (0.1, 0.2, 0.5)
@@ -603,7 +604,6 @@ def loss_peak_child(batch: int) -> None:
 
 def _cpu_loss_peak_mb(batch: int) -> float | None:
     import subprocess
-    import sys
 
     code = f"from jdcl_ray.bench import loss_peak_child; loss_peak_child({batch})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
@@ -689,11 +689,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     study.add_argument("--json", type=Path, help="write the raw result here")
     study.add_argument("--markdown", type=Path, help="write the tables here (plots beside it)")
     study.add_argument("--base", help="base config (default configs/fashion_lt.yaml)")
+    study.add_argument("--epochs", type=int, help="epochs of every training run (the budget)")
+    study.add_argument(
+        "--max-images", type=int, help="subsample every LT set to this many images (the budget)"
+    )
     speed = commands.add_parser("throughput", help="images/s of augmentation, step, Ray, losses")
     speed.add_argument("--quick", action="store_true", help="seconds per figure instead of minutes")
     speed.add_argument("--json", type=Path, help="write the JSON object here too")
     speed.add_argument("--base", default="configs/fashion_lt.yaml", help="config of the step")
     return parser.parse_args(argv)
+
+
+def positive(option: str, value: int) -> int:
+    if value < 1:
+        raise UserError(f"{option} {value}: expected a whole number >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -708,8 +718,12 @@ def main(argv: list[str] | None = None) -> int:
     study = Study.quick() if args.quick else Study()
     if args.base:
         study.base = args.base
+    if args.epochs is not None:
+        study.epochs = positive("--epochs", args.epochs)
+    if args.max_images is not None:
+        study.max_images = positive("--max-images", args.max_images)
     result = quality(study)
-    command = "python -m jdcl_ray.bench quality" + (" --quick" if args.quick else "")
+    command = " ".join(["python -m jdcl_ray.bench", *(argv if argv is not None else sys.argv[1:])])
     text = markdown(result, command)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=float))
