@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from jdcl_ray.bench import METHODS, REPORTED, main
+from jdcl_ray.errors import UserError
 
 
 def test_quick_quality_study_has_every_section(tmp_path):
@@ -90,3 +93,9 @@ def test_quick_throughput_reports_every_figure(tmp_path):
     assert all(row["peak_extra_mb"] is not None for row in figures["loss"])
     assert figures["gpu"] is None or "bf16" in figures["gpu"]
     assert positive_figures({k: v for k, v in figures.items() if k != "machine"}) == []
+
+
+@pytest.mark.parametrize("option", ["--epochs", "--max-images"])
+def test_a_budget_below_one_is_a_user_error(option):
+    with pytest.raises(UserError, match=f"^{option} 0: expected a whole number >= 1$"):
+        main(["quality", option, "0"])
