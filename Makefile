@@ -27,7 +27,7 @@ quickstart: install
 # pytest exits 5 when it collects no test: say so instead of failing on it.
 test: install fashion-mnist
 	$(PY) -m ruff check jdcl_ray tests benchmarks
-	$(PY) -m pytest -q; code=$$?; if [ $$code -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$code
+	$(PY) -m pytest -q --durations=15; code=$$?; if [ $$code -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$code
 
 lint: install
 	$(PY) -m ruff check jdcl_ray tests benchmarks
