@@ -264,6 +264,18 @@ def _cell(value: tuple[float, float]) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
 
+def _summary_table(rows: list[dict[str, Any]], group: tuple[str, str]) -> list[str]:
+    """Markdown rows of a ``summarize`` table: its two group columns, seeds, each metric."""
+    lines = [
+        f"| {group[0]} | {group[1]} | seeds | " + " | ".join(REPORTED) + " |",
+        "|---|---|---|" + "---|" * len(REPORTED),
+    ]
+    for row in rows:
+        cells = " | ".join(_cell(row[k]) for k in REPORTED)
+        lines.append(f"| {row[group[0]]} | {row[group[1]]:g} | {row['seeds']} | {cells} |")
+    return lines
+
+
 def markdown(result: dict[str, Any], command: str) -> str:
     lines = [
         "# Quality study",
@@ -273,22 +285,12 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "",
         "## Methods (mean ± std over seeds, LT training set)",
         "",
-        "| method | IR | seeds | " + " | ".join(REPORTED) + " |",
-        "|---|---|---|" + "---|" * len(REPORTED),
-    ]
-    for row in result["summary"]:
-        cells = " | ".join(_cell(row[k]) for k in REPORTED)
-        lines.append(f"| {row['method']} | {row['imbalance_ratio']:g} | {row['seeds']} | {cells} |")
-    lines += [
+        *_summary_table(result["summary"], ("method", "imbalance_ratio")),
         "",
         "## Ablation of the full method (ours)",
         "",
-        "| parameter | value | seeds | " + " | ".join(REPORTED) + " |",
-        "|---|---|---|" + "---|" * len(REPORTED),
+        *_summary_table(result["ablation_summary"], ("parameter", "value")),
     ]
-    for row in result["ablation_summary"]:
-        cells = " | ".join(_cell(row[k]) for k in REPORTED)
-        lines.append(f"| {row['parameter']} | {row['value']:g} | {row['seeds']} | {cells} |")
     lines += [
         "",
         "## Out-of-distribution (held-out classes of the test split)",

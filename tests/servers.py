@@ -18,6 +18,22 @@ from pathlib import Path
 import requests
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(module: str, *args: str, **kwargs) -> subprocess.Popen:
+    """``python -m jdcl_ray.<module> ARGS`` from the repository root, output merged, in a
+    process group of its own (so a test can kill it and the Ray it started together)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", f"jdcl_ray.{module}", *args],
+        cwd=ROOT,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def free_port() -> int:

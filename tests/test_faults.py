@@ -3,12 +3,12 @@ a pickled checkpoint. (A killed driver: tests/test_tune.py and tests/test_train.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,14 +16,13 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from servers import MlflowServer
+from servers import MlflowServer, cli
 
 from jdcl_ray.errors import UserError
 from jdcl_ray.train import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits_lt.yaml"
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def write_space(folder: Path, name: str, epochs: int, space: dict, workers: int = 1) -> Path:
@@ -46,16 +45,7 @@ def write_space(folder: Path, name: str, epochs: int, space: dict, workers: int 
     return path
 
 
-def tune(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "jdcl_ray.tune", *args],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+tune = functools.partial(cli, "tune")
 
 
 def wait_for(condition, process: subprocess.Popen, seconds: float, what: str) -> None:

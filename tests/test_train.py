@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
+from servers import cli
 
 from jdcl_ray import metrics
 from jdcl_ray.train import load_state, main
@@ -111,18 +111,7 @@ def saved_epochs(output: Path) -> list[int]:
     return epochs
 
 
-def run_cli(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "jdcl_ray.train", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        **kwargs,
-    )
+run_cli = functools.partial(cli, "train")
 
 
 def test_resume_continues_at_the_next_epoch(tmp_path):

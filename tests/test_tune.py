@@ -3,6 +3,7 @@ sqlite store read back through a real ``mlflow server`` on 127.0.0.1 over its RE
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import pytest
 import ray
 import requests
 import yaml
-from servers import MlflowServer
+from servers import MlflowServer, cli
 
 from jdcl_ray.config import load_config
 from jdcl_ray.tracking import flatten
@@ -187,16 +188,7 @@ def load_digits_lt_indices():
     return prepare_data(load_config(DIGITS)).lt_indices
 
 
-def tune_cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "jdcl_ray.tune", *args],
-        cwd=ROOT,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+tune_cli = functools.partial(cli, "tune")
 
 
 def test_resume_after_the_driver_is_killed_between_trials(tmp_path):
