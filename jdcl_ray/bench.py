@@ -314,14 +314,25 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_caa(result: dict[str, Any], path: Path) -> Path:
-    """CAA against the imbalance ratio, one line per method, with ± std bars."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.4, 4))
+    return plt
+
+
+def _save(figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    _pyplot().close(figure)
+    return path
+
+
+def plot_caa(result: dict[str, Any], path: Path) -> Path:
+    """CAA against the imbalance ratio, one line per method, with ± std bars."""
+    figure, axis = _pyplot().subplots(figsize=(6.4, 4))
     for method in METHODS:
         rows = [r for r in result["summary"] if r["method"] == method]
         ratios = [r["imbalance_ratio"] for r in rows]
@@ -332,10 +343,28 @@ def plot_caa(result: dict[str, Any], path: Path) -> Path:
     axis.set_xlabel("imbalance ratio")
     axis.set_ylabel("CAA (LT training set)")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
+
+
+def plot_sizes(result: dict[str, Any], path: Path) -> Path:
+    """Predicted cluster sizes (largest first) against the true class sizes, one panel per
+    imbalance ratio, the first seed's runs: whether a method follows the long tail."""
+    seed = result["runs"][0]["seed"]
+    ratios = list(dict.fromkeys(r["imbalance_ratio"] for r in result["runs"]))
+    figure, axes = _pyplot().subplots(
+        1, len(ratios), figsize=(4.2 * len(ratios), 3.6), squeeze=False
+    )
+    for axis, ratio in zip(axes[0], ratios, strict=True):
+        rows = [r for r in result["runs"] if r["seed"] == seed and r["imbalance_ratio"] == ratio]
+        ranks = np.arange(len(rows[0]["true_sizes"]))
+        axis.bar(ranks, rows[0]["true_sizes"], color="lightgrey", label="true classes")
+        for row in rows:
+            axis.plot(ranks, row["predicted_sizes"], marker=".", label=row["method"])
+        axis.set_title(f"IR {ratio:g}, seed {seed}")
+        axis.set_xlabel("rank (largest first)")
+        axis.set_ylabel("images")
+    axes[0][-1].legend(fontsize=6)
+    return _save(figure, path)
 
 
 # --- throughput -------------------------------------------------------------------------------
@@ -733,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text(text)
         plot_caa(result, args.markdown.with_name(args.markdown.stem + "_caa.png"))
+        plot_sizes(result, args.markdown.with_name(args.markdown.stem + "_sizes.png"))
     print(text)
     return 0
 

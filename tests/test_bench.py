@@ -43,6 +43,7 @@ def test_quick_quality_study_has_every_section(tmp_path):
     ):
         assert heading in text
     assert (tmp_path / "quality_caa.png").stat().st_size > 0
+    assert (tmp_path / "quality_sizes.png").stat().st_size > 0
 
 
 def positive_figures(value, path="") -> list[str]:
