@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m jdcl_ray.bench quality [--quick] [--json FILE] [--markdown FILE]``.
+"""Benchmarks: ``python -m jdcl_ray.bench quality [--quick] [--json FILE] [--markdown FILE]
+[--epochs N] [--max-images N]`` and ``python -m jdcl_ray.bench throughput [--quick] [--json FILE]``.
 
 ``quality`` compares, on long-tailed sets at several imbalance ratios and seeds, with the same
 epochs (the same CPU budget) per run: k-means on pixels; SimCLR then k-means on its features;
