@@ -134,9 +134,14 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
         if created:
             tracked("the trial's config", lambda: client.log_artifacts(run_id, folder))
     callback = _tune_report_callback()(context.space.search.metric, context.tracking_uri, run_id)
-    metrics, checkpoint = run_training(
-        config, output, data, newest_saved_state(output), callbacks=[callback]
-    )
+    resume_state = newest_saved_state(output)
+    if resume_state is not None:
+        # Train workers can outlive a killed driver by seconds and save epochs whose reports
+        # never reached MLflow: log them from their checkpoints before training goes on.
+        for saved, _ in saved_checkpoints(output):
+            if int(saved["epoch"]) <= int(resume_state["epoch"]):
+                callback.epoch_log.log(saved)
+    metrics, checkpoint = run_training(config, output, data, resume_state, callbacks=[callback])
     with tempfile.TemporaryDirectory() as folder:
         table = Path(folder) / ASSIGNMENTS_FILE
         if run_id is not None and save_assignments(checkpoint, str(table)):

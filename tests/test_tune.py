@@ -29,12 +29,14 @@ DIGITS = ROOT / "configs" / "digits_lt.yaml"
 EPOCHS = 2
 
 
-def write_space(folder: Path, name: str, **search) -> Path:
+def write_space(
+    folder: Path, name: str, epochs: int = EPOCHS, scheduler: str = "asha", **search
+) -> Path:
     space = {
         "name": name,
         "base": {
             "config": str(DIGITS),
-            "set": {"run.epochs": EPOCHS, "loss.prior_warmup_epochs": 1, "eval.every": 1},
+            "set": {"run.epochs": epochs, "loss.prior_warmup_epochs": 1, "eval.every": 1},
         },
         "space": {
             "loss.temperature": {"uniform": [0.3, 0.6]},
@@ -42,7 +44,11 @@ def write_space(folder: Path, name: str, **search) -> Path:
             "loss.clustering_weight": {"loguniform": [0.5, 2.0]},
         },
         "search": {"algorithm": "random", "metric": "selection_score", "mode": "max", **search},
-        "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+        "scheduler": (
+            {"kind": "asha", "grace_period": 1, "reduction_factor": 2}
+            if scheduler == "asha"
+            else {"kind": scheduler}
+        ),
         "resources": {"workers": 1, "cpus_per_worker": 1},
     }
     path = folder / f"{name}.yaml"
@@ -191,23 +197,41 @@ def load_digits_lt_indices():
 tune_cli = functools.partial(cli, "tune")
 
 
-def test_resume_after_the_driver_is_killed_between_trials(tmp_path):
+def test_resume_after_the_driver_is_killed_mid_search(tmp_path):
+    """SIGKILL the driver once one trial has finished and the next one has checkpoints: the
+    finished trial is not re-run, the interrupted one continues from its checkpoint."""
     from mlflow.tracking import MlflowClient
 
-    space = write_space(tmp_path, "resumable", num_samples=3, max_concurrent_trials=1)
+    epochs = 4  # FIFO: every trial runs them all, so the next trial has epochs to interrupt
+    space = write_space(
+        tmp_path, "resumable", epochs, "fifo", num_samples=3, max_concurrent_trials=1
+    )
     storage, db = tmp_path / "tune", tmp_path / "mlflow.db"
     args = ["--space", str(space), "--storage", str(storage), "--tracking-uri", f"sqlite:///{db}"]
+
+    def results(trial_id: str) -> list[dict]:
+        """What Tune recorded of the trial's reports (one per epoch it received)."""
+        found = list(storage.glob(f"resumable-*/run_trial_{trial_id}_*/result.json"))
+        return [json.loads(line) for line in found[0].read_text().splitlines()] if found else []
+
+    def trials() -> tuple[set[str], set[str]]:
+        """(finished trials, unfinished trials with a checkpoint and a report Tune received)."""
+        finished = {p.parent.name for p in storage.glob("resumable-*/trials/*/metrics.json")}
+        saved = storage.glob("resumable-*/trials/*/train/checkpoint_*/metrics.json")
+        started = {p.parents[2].name for p in saved} - finished
+        return finished, {trial_id for trial_id in started if results(trial_id)}
+
     first = tune_cli(*args)
     deadline = time.monotonic() + 300
-    done: list[Path] = []
-    while not done and first.poll() is None and time.monotonic() < deadline:
-        done = list(storage.glob("resumable-*/trials/*/metrics.json"))
+    finished, interrupted = trials()
+    while not (finished and interrupted) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
+        finished, interrupted = trials()
     assert first.poll() is None, "search ended before it could be stopped:\n" + first.stdout.read()
-    assert done, "no trial finished in time"
+    assert finished and interrupted, "no trial finished and no next trial saved in time"
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
     first.wait()
-    finished_trial = done[0].parent
+    finished_trial = next(storage.glob(f"resumable-*/trials/{min(finished)}"))
     checkpoints_before = sorted(p.name for p in (finished_trial / "train").glob("checkpoint_*"))
     resumed = tune_cli(*args, "--resume")
     log, _ = resumed.communicate(timeout=600)
@@ -216,21 +240,24 @@ def test_resume_after_the_driver_is_killed_between_trials(tmp_path):
     experiment = client.get_experiment_by_name("resumable")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "trial_id" in r.data.tags]
+    children = {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    # One child per trial, none left RUNNING, and the trial finished before the kill not re-run.
-    assert len(children) == 3
-    assert len({c.data.tags["trial_id"] for c in children}) == 3
-    assert all(c.info.status in ("FINISHED", "KILLED") for c in children), [
-        c.info.status for c in children
-    ]
+    # One child per trial, each FINISHED with one point per epoch.
+    assert len(children) == 3 == len([r for r in runs if "trial_id" in r.data.tags])
+    for child in children.values():
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
+        assert sorted(steps) == list(range(epochs))
+    # The finished trial was not trained again.
     again = sorted(p.name for p in (finished_trial / "train").glob("checkpoint_*"))
     assert again == checkpoints_before
-    finished = next(c for c in children if c.data.tags["trial_id"] == finished_trial.name)
-    steps = [m.step for m in client.get_metric_history(finished.info.run_id, "epoch")]
-    assert sorted(steps) == list(range(EPOCHS))
-    summary = json.loads((finished_trial / "metrics.json").read_text())
-    assert summary["epochs_done"] == EPOCHS
+    # The interrupted trial continued from its checkpoint: Tune received at most one report per
+    # epoch (from scratch, the epochs it received before the kill would come again).
+    for trial_id in interrupted:
+        reported = [row["epoch"] for row in results(trial_id)]
+        assert reported[-1] == epochs - 1 and len(reported) <= epochs, reported
+        summary = json.loads((finished_trial.parent / trial_id / "metrics.json").read_text())
+        assert summary["epochs_done"] == epochs
 
 
 @pytest.mark.parametrize(
