@@ -242,10 +242,10 @@ def test_resume_after_the_driver_is_killed_mid_search(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    # One child per trial, each FINISHED with one point per epoch.
+    # One child per trial, none left RUNNING, each with one point per epoch.
     assert len(children) == 3 == len([r for r in runs if "trial_id" in r.data.tags])
     for child in children.values():
-        assert child.info.status == "FINISHED"
+        assert child.info.status in ("FINISHED", "KILLED"), child.info.status
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
         assert sorted(steps) == list(range(epochs))
     # The finished trial was not trained again.
