@@ -218,6 +218,12 @@ def run_training(
     returned = result.return_value or {}
     if NON_FINITE in returned:
         raise NonFiniteLossError(returned[NON_FINITE])
+    # Ray's record of a resumed run can lag the folders on disk (see newest_saved_state): the
+    # newest checkpoint there, by epoch, is what the run really reached.
+    saved = saved_checkpoints(output)
+    if saved and int(saved[-1][0]["epoch"]) > int((result.metrics or {}).get("epoch", -1)):
+        metrics, folder = saved[-1]
+        return metrics, ray.train.Checkpoint(folder)
     return dict(result.metrics or {}), result.checkpoint
 
 
