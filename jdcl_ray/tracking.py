@@ -26,6 +26,7 @@ TRIAL_TAG = "trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 CHECKPOINT_TAG = "checkpoint"  # a trial's final checkpoint folder (path or URI): what predict loads
+RESUMED_TAG = "resumed_from_epoch"  # the checkpoint epoch a restarted trial continued after
 # Short names of the searched keys in run names; other keys use their last part.
 SHORT_NAMES = {
     "loss.temperature": "t",

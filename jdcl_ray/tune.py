@@ -136,10 +136,16 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
     callback = _tune_report_callback()(context.space.search.metric, context.tracking_uri, run_id)
     resume_state = newest_saved_state(output)
     if resume_state is not None:
+        resumed_from = int(resume_state["epoch"])
+        if run_id is not None:
+            tracked(
+                "the trial's resume tag",
+                lambda: client.set_tag(run_id, tracking.RESUMED_TAG, str(resumed_from)),
+            )
         # Train workers can outlive a killed driver by seconds and save epochs whose reports
         # never reached MLflow: log them from their checkpoints before training goes on.
         for saved, _ in saved_checkpoints(output):
-            if int(saved["epoch"]) <= int(resume_state["epoch"]):
+            if int(saved["epoch"]) <= resumed_from:
                 callback.epoch_log.log(saved)
     metrics, checkpoint = run_training(config, output, data, resume_state, callbacks=[callback])
     with tempfile.TemporaryDirectory() as folder:

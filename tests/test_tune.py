@@ -21,7 +21,7 @@ import yaml
 from servers import MlflowServer, cli
 
 from jdcl_ray.config import load_config
-from jdcl_ray.tracking import flatten
+from jdcl_ray.tracking import RESUMED_TAG, flatten
 from jdcl_ray.tune import SEARCH_FILE, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,9 +251,12 @@ def test_resume_after_the_driver_is_killed_mid_search(tmp_path):
     # The finished trial was not trained again.
     again = sorted(p.name for p in (finished_trial / "train").glob("checkpoint_*"))
     assert again == checkpoints_before
-    # The interrupted trial finished all its epochs (Tune's own result.json of a restored trial
-    # is not a record to count on: it can start afresh; test_train checks the resume point).
+    # The interrupted trial continued from a checkpoint it had saved (not from scratch) and
+    # finished all its epochs. (Tune's own result.json of a restored trial starts afresh, so it
+    # can't tell; the run's tag can.)
     for trial_id in interrupted:
+        resumed_from = int(children[trial_id].data.tags[RESUMED_TAG])
+        assert 0 <= resumed_from < epochs
         summary = json.loads((finished_trial.parent / trial_id / "metrics.json").read_text())
         assert summary["epochs_done"] == epochs
 

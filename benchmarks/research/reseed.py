@@ -7,25 +7,18 @@ A cluster k holding < threshold / K of the batch (argmax) is re-seeded: its logi
 of the row of the cluster j holding the worst-explained sample x, plus a step towards x's hidden
 vector (and j's row a step away), so the samples near x move from j to k.
 """
-import json
 import sys
-import time
 
 import torch
-import yaml
-from sklearn.cluster import KMeans
 
 import jdcl_ray.engine as E
-from jdcl_ray import bench, metrics
+from screen import overrides, screen
 
 name, ir, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-threshold = float(sys.argv[4]) if len(sys.argv) > 4 and "=" not in sys.argv[4] else 0.2
-over = {"loss": {"prior": "pooled", "temperature": 0.5}, "eval": {"assign": "head"}}
-for arg in sys.argv[4:]:
-    if "=" in arg:
-        k, v = arg.split("=", 1)
-        s, key = k.split(".")
-        over.setdefault(s, {})[key] = yaml.safe_load(v)
+over, rest = overrides(
+    sys.argv[4:], {"loss": {"prior": "pooled", "temperature": 0.5}, "eval": {"assign": "head"}}
+)
+threshold = float(rest[0]) if rest else 0.2
 
 original = E.joint_loss
 seen_epochs = set()
@@ -52,26 +45,9 @@ def joint_loss(model, pooling_source, views, config, epoch):
                     logits.weight[k] = logits.weight[j] + direction
                     logits.bias[k] = logits.bias[j]
                     logits.weight[j] -= direction
-                    reseeds.append((epoch, k, j))
+                    reseeds.append([epoch, k, j])
     return original(model, pooling_source, views, config, epoch)
 
 
 E.joint_loss = joint_loss
-study = bench.Study()
-cfg = bench.run_config(study, ir, seed, over)
-data = bench._subsample(E.prepare_data(cfg), study.max_images, seed)
-t = time.time()
-last, state = bench.train_once(cfg, data)
-model = E.build_model(cfg, state["in_channels"])
-model.load_state_dict(state["model"])
-out = E.embed(model, data.train.images, torch.device("cpu"))
-f = torch.nn.functional.normalize(out["features"], dim=1).numpy()
-km = KMeans(10, n_init=3, random_state=seed).fit_predict(f)
-kmm = metrics.cluster_metrics(data.train.labels, km, 10, class_order=data.class_order)
-row = dict(name=name, ir=ir, seed=seed, threshold=threshold, wall=round(time.time() - t),
-           head_caa=last["train/caa"], head_acc=last["train/acc"], tail=last["train/tail_acc"],
-           km_caa=kmm["caa"], knn=last["knn_acc"], reseeds=len(reseeds),
-           sizes=sorted(last["predicted_sizes"], reverse=True))
-print(json.dumps(row))
-with open("benchmarks/research/screen.jsonl", "a") as fh:
-    fh.write(json.dumps(row) + "\n")
+screen(name, ir, seed, over, threshold=threshold, reseeds=reseeds)
