@@ -147,10 +147,12 @@ def test_a_search_spreads_its_trial_over_two_nodes(two_nodes, tmp_path):
         assert "assignments.parquet" in {f["path"] for f in files}
     finally:
         server.stop()
-    # The two Train workers ran on different nodes.
+    # The two Train workers ran on different nodes. (The address is explicit: without it the
+    # state API refuses to choose when another Ray runs on this machine.)
     nodes = two_nodes.query(
         "import json\nfrom ray.util.state import list_actors\n"
-        "actors = list_actors(filters=[('class_name', '=', 'RayTrainWorker')], limit=100)\n"
+        f"actors = list_actors(address={two_nodes.address!r}, "
+        "filters=[('class_name', '=', 'RayTrainWorker')], limit=100)\n"
         "print(json.dumps(sorted({a.node_id for a in actors})))",
     )
     assert len(json.loads(nodes.splitlines()[-1])) == 2
