@@ -76,6 +76,7 @@ class LossConfig:
     tau_plus: float = 0.1
     prior: str = "fixed"
     prior_warmup_epochs: int = 5
+    clustering: str = "ddc"  # a clustering objective of objective.py
     clustering_weight: float = 1.0
     clustering_warmup_epochs: int = 0
     pooling_momentum: float = 0.1
@@ -89,6 +90,13 @@ class LossConfig:
             "loss.prior_warmup_epochs",
             self.prior_warmup_epochs,
             ">= 0",
+        )
+        # Its name is checked against objective.py's registry when the objective is built.
+        check(
+            isinstance(self.clustering, str) and self.clustering != "",
+            "loss.clustering",
+            self.clustering,
+            "the name of a clustering objective",
         )
         check(self.clustering_weight >= 0, "loss.clustering_weight", self.clustering_weight, ">= 0")
         check(

@@ -1,7 +1,7 @@
 """One worker's training and evaluation loop, in plain PyTorch.
 
 The walk of one step: shard of the global batch → two augmented views on the device →
-joint model → gather across workers → DCL + clustering_weight · DDC → optimiser step →
+joint model → gather across workers → the joint objective (``objective.py``) → optimiser step →
 statistics pooling update. Ray stays outside: ``fit`` receives a ``report`` callback.
 """
 
@@ -10,26 +10,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.cluster import KMeans
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from jdcl_ray import metrics
+from jdcl_ray import metrics, objective
+from jdcl_ray.assign import OOD_QUANTILE, assign, fit_centers
 from jdcl_ray.augment import BatchAugment, to_float
 from jdcl_ray.config import Config
-from jdcl_ray.data import ImageDataset, load_dataset, sample_long_tail
+from jdcl_ray.data import RunData
 from jdcl_ray.distributed import gather_with_grad
 from jdcl_ray.errors import UserError
-from jdcl_ray.losses import dcl_loss, ddc_loss, pooled_tau_plus
-from jdcl_ray.models import JointModel, use_global_batchnorm
+from jdcl_ray.models import JointModel, JointOutput, build_model
 
-LOSS_TERMS = ("total", "dcl", "ddc_l1", "ddc_l2", "ddc_l3", "ddc")  # reported as loss/<term>
 # report(metrics, state, assignments): see ``fit``.
 Report = Callable[[dict[str, Any], dict[str, Any] | None, dict[str, np.ndarray] | None], None]
 
@@ -37,73 +35,6 @@ Report = Callable[[dict[str, Any], dict[str, Any] | None, dict[str, np.ndarray] 
 class NonFiniteLossError(UserError):
     """Training produced inf/NaN: continuing (or retrying) would only log NaN metrics. Almost
     always a setting (learning rate, temperature), so it is reported like a user mistake."""
-
-
-@dataclass
-class RunData:
-    train: ImageDataset  # the long-tailed set that is clustered
-    eval: ImageDataset | None  # the configured evaluation split (None: train only)
-    lt_indices: np.ndarray  # indices of ``train`` in the source split, saved with the run
-    class_order: list[int]  # classes from most to least frequent in ``train``
-
-
-def prepare_data(config: Config) -> RunData:
-    """Load the source, draw the long-tailed training set, load the evaluation split."""
-    cfg = config.data
-    # Only the options a user set: loaders reject options that don't apply to them.
-    options = {
-        key: value
-        for key, value in (("image_size", cfg.image_size), ("download", cfg.download))
-        if value not in (None, False)
-    }
-    source = load_dataset(cfg.name, cfg.root, split="train", **options)
-    if source.labels is None:
-        if cfg.imbalance_ratio != 1:
-            raise UserError(
-                f"config key 'data.imbalance_ratio' = {cfg.imbalance_ratio} needs labels to draw a "
-                f"long-tailed set, but {source.name} has none: set it to 1"
-            )
-        lt_indices = np.arange(len(source.images))
-        class_order: list[int] = []
-    else:
-        lt_indices = sample_long_tail(
-            source.labels, cfg.imbalance_ratio, profile=cfg.profile, seed=cfg.seed
-        )
-        counts = np.bincount(source.labels[lt_indices], minlength=source.num_classes)
-        class_order = [int(c) for c in np.argsort(-counts, kind="stable")]
-    train = source.subset(lt_indices)
-    if len(train.images) < config.model.num_clusters:
-        raise UserError(
-            f"config key 'model.num_clusters' = {config.model.num_clusters} is larger than the "
-            f"{len(train.images)} training images of {train.name}"
-        )
-    if len(train.images) < config.optim.batch_size:
-        raise UserError(
-            f"config key 'optim.batch_size' = {config.optim.batch_size} is larger than the "
-            f"{len(train.images)} training images of {train.name}"
-        )
-    if cfg.eval_split == "test":
-        evaluation = load_dataset(cfg.name, cfg.root, split="test", **options)
-    elif cfg.eval_split == "train":
-        evaluation = train
-    else:
-        evaluation = None
-    return RunData(train, evaluation, lt_indices, class_order)
-
-
-def build_model(config: Config, in_channels: int) -> JointModel:
-    m = config.model
-    model = JointModel(
-        m.backbone,
-        in_channels,
-        m.num_clusters,
-        width=m.width,
-        projection_hidden=m.projection_hidden,
-        projection_dim=m.projection_dim,
-        cluster_hidden=m.cluster_hidden,
-        pooling_momentum=config.loss.pooling_momentum,
-    )
-    return use_global_batchnorm(model)
 
 
 def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -133,50 +64,6 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def joint_loss(
-    model: nn.Module,
-    pooling_source: JointModel,
-    views: Tensor,
-    config: Config,
-    epoch: int,
-) -> dict[str, Tensor]:
-    """The joint objective on the global batch: L = L_dcl + clustering_weight · L_ddc.
-
-    ``views``: this worker's (2b, C, H, W) batch, its b first views then its b second views.
-    """
-    out = model(views.contiguous(memory_format=torch.channels_last))
-    local = views.shape[0] // 2
-    # One collective per step: pack z | A | H of both views, gather, unpack.
-    packed = torch.cat(
-        [out.projections.float(), out.assignments, out.cluster_hidden.float()], dim=1
-    )
-    packed = gather_with_grad(torch.stack([packed[:local], packed[local:]], dim=1))
-    dim_z = out.projections.shape[1]
-    dim_a = out.assignments.shape[1]
-    z = packed[..., :dim_z]
-    assignments = packed[..., dim_z : dim_z + dim_a]
-    hidden = packed[..., dim_z + dim_a :]
-    loss_cfg = config.loss
-    # Anchors in dcl_loss order: all first views, then all second views.
-    anchors_a = torch.cat([assignments[:, 0], assignments[:, 1]])
-    if loss_cfg.prior == "pooled" and epoch >= loss_cfg.prior_warmup_epochs:
-        tau_plus: float | Tensor = pooled_tau_plus(anchors_a, pooling_source.pooling.proportions())
-    else:
-        tau_plus = loss_cfg.tau_plus
-    dcl = dcl_loss(z[:, 0], z[:, 1], loss_cfg.temperature, tau_plus)
-    ddc = ddc_loss(anchors_a, torch.cat([hidden[:, 0], hidden[:, 1]]))
-    weight = loss_cfg.clustering_weight if epoch >= loss_cfg.clustering_warmup_epochs else 0.0
-    pooling_source.pooling.update(out.assignments, out.features)
-    return {
-        "total": dcl + weight * ddc["total"],
-        "dcl": dcl,
-        "ddc_l1": ddc["l1"],
-        "ddc_l2": ddc["l2"],
-        "ddc_l3": ddc["l3"],
-        "ddc": ddc["total"],
-    }
-
-
 @torch.no_grad()
 def embed(
     model: JointModel, images: Tensor, device: torch.device, batch_size: int = 1024
@@ -203,78 +90,7 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def evaluate(
-    model: JointModel, data: RunData, config: Config, device: torch.device
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Every metric of the metrics module, on the LT training set and the evaluation split.
-
-    Also returns the training set's assignments (one entry per image: its index in the source
-    split, cluster, confidence, OOD score and label when known), the run's Parquet artifact.
-    """
-    num_clusters = config.model.num_clusters
-    train_out = embed(model, data.train.images, device)
-    features = nn.functional.normalize(train_out["features"], dim=1).numpy()
-    kmeans = None
-    if config.eval.assign == "kmeans":
-        kmeans = KMeans(num_clusters, n_init=3, random_state=config.run.seed).fit(features)
-        train_clusters = kmeans.labels_
-        probabilities = kmeans_probabilities(features, kmeans.cluster_centers_, config)
-    else:
-        probabilities = train_out["assignments"].numpy()
-        train_clusters = probabilities.argmax(1)
-    assignments = {
-        "index": np.asarray(data.lt_indices, dtype=np.int64),
-        "cluster": train_clusters.astype(np.int64),
-        "confidence": probabilities[np.arange(len(train_clusters)), train_clusters],
-        "ood_score": train_out["ood"].numpy(),
-    }
-    if data.train.labels is not None:
-        assignments["label"] = np.asarray(data.train.labels, dtype=np.int64)
-    result: dict[str, Any] = {
-        "selection_score": metrics.selection_score(train_out["hidden"].numpy(), train_clusters),
-        "ood_threshold": float(np.quantile(train_out["ood"].numpy(), 0.95)),
-        "predicted_sizes": np.bincount(train_clusters, minlength=num_clusters).tolist(),
-    }
-    if data.train.labels is None:
-        return result, assignments
-    labels = data.train.labels
-    for key, value in metrics.cluster_metrics(
-        labels, train_clusters, num_clusters, class_order=data.class_order
-    ).items():
-        result[f"train/{key}"] = value
-    sizes = metrics.cluster_size_report(labels, train_clusters, num_clusters)
-    result["true_sizes"] = sizes["true_sizes"]
-    result["cluster_size_l1"] = sizes["size_l1"]
-    evaluation = data.eval
-    if evaluation is None or evaluation is data.train or evaluation.labels is None:
-        result["knn_acc"] = metrics.knn_accuracy(
-            features, labels, features, labels, k=config.eval.knn_k, exclude_self=True
-        )
-        return result, assignments
-    eval_out = embed(model, evaluation.images, device)
-    eval_features = nn.functional.normalize(eval_out["features"], dim=1).numpy()
-    if kmeans is not None:
-        eval_clusters = kmeans.predict(eval_features)
-    else:
-        eval_clusters = eval_out["assignments"].argmax(1).numpy()
-    for key, value in metrics.cluster_metrics(
-        evaluation.labels, eval_clusters, num_clusters, class_order=data.class_order
-    ).items():
-        result[f"test/{key}"] = value
-    result["knn_acc"] = metrics.knn_accuracy(
-        features, labels, eval_features, evaluation.labels, k=config.eval.knn_k
-    )
-    return result, assignments
-
-
-def kmeans_probabilities(features: np.ndarray, centers: np.ndarray, config: Config) -> np.ndarray:
-    """Soft k-means assignments: a softmax over cosine similarity to the centroids at the
-    contrastive temperature, so a k-means confidence reads like the head's."""
-    centers = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
-    logits = features @ centers.T / config.loss.temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    weights = np.exp(logits)
-    return weights / weights.sum(axis=1, keepdims=True)
+# --- training ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -296,6 +112,264 @@ def worker_context(use_gpu: bool) -> WorkerContext:
     return WorkerContext(rank, world, device)
 
 
+@dataclass
+class Training:
+    """Everything one worker's training mutates, built from the config (and a restored state)."""
+
+    config: Config
+    ctx: WorkerContext
+    model: JointModel
+    wrapped: nn.Module  # the model, inside DDP when there are several workers
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    augment: BatchAugment
+    images: Tensor  # the training images, on the device
+    steps_per_epoch: int
+    start_epoch: int = 0
+    objective_state: dict[str, Tensor] = field(default_factory=dict)
+    terms: tuple[str, ...] = ()  # the objective's loss terms, in reporting order
+
+
+def start_training(
+    config: Config, data: RunData, ctx: WorkerContext, restored: dict[str, Any] | None
+) -> Training:
+    torch.manual_seed(config.run.seed)
+    steps_per_epoch = len(data.train.images) // config.optim.batch_size  # >= 1: prepare_data
+    # channels-last: faster convolutions on GPU (tensor cores) and on CPU (oneDNN) alike.
+    model = build_model(config, data.train.images.shape[1]).to(
+        ctx.device, memory_format=torch.channels_last
+    )
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+    state = objective.initial_state(config, model.pooling.mean.shape[1])
+    start_epoch = 0
+    if restored is not None:
+        model.load_state_dict(restored["model"])
+        optimizer.load_state_dict(restored["optimizer"])
+        scheduler.load_state_dict(restored["scheduler"])
+        torch.set_rng_state(restored["rng_state"])
+        state = dict(restored.get("objective_state", state))
+        start_epoch = int(restored["epoch"]) + 1
+    wrapped: nn.Module = model
+    if ctx.world_size > 1:
+        wrapped = DistributedDataParallel(
+            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
+        )
+    return Training(
+        config=config,
+        ctx=ctx,
+        model=model,
+        wrapped=wrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        augment=BatchAugment(config.augment),
+        images=data.train.images.to(ctx.device),
+        steps_per_epoch=steps_per_epoch,
+        start_epoch=start_epoch,
+        objective_state={key: value.to(ctx.device) for key, value in state.items()},
+        terms=objective.loss_terms(config),
+    )
+
+
+def gather_views(out: JointOutput, local: int) -> objective.GlobalBatch:
+    """This worker's outputs of its (2b) views → both views of the global batch.
+
+    One collective per step: z | A | H of both views packed, gathered, unpacked.
+    """
+    packed = torch.cat(
+        [out.projections.float(), out.assignments, out.cluster_hidden.float()], dim=1
+    )
+    packed = gather_with_grad(torch.stack([packed[:local], packed[local:]], dim=1))
+    dim_z = out.projections.shape[1]
+    dim_a = out.assignments.shape[1]
+    return objective.GlobalBatch(
+        projections=packed[..., :dim_z],
+        assignments=packed[..., dim_z : dim_z + dim_a],
+        hidden=packed[..., dim_z + dim_a :],
+    )
+
+
+def train_step(training: Training, views: Tensor, epoch: int) -> Tensor:
+    """One optimiser step on this worker's (2b, C, H, W) views (its b first views, then its b
+    second views); returns the loss terms, detached, on the device."""
+    model = training.model
+    with autocast(training.ctx.device):
+        out = training.wrapped(views.contiguous(memory_format=torch.channels_last))
+        batch = gather_views(out, views.shape[0] // 2)
+        losses = objective.joint_objective(
+            batch, model.pooling.statistics(), training.objective_state, training.config, epoch
+        )
+    model.pooling.update(out.assignments, out.features)
+    training.optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    training.optimizer.step()
+    training.scheduler.step()
+    return torch.stack([losses[term].detach().float() for term in training.terms])
+
+
+def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
+    """One pass over the shuffled training set; the mean of each loss term, and the rate.
+
+    Raises NonFiniteLossError naming the first step whose terms were not finite.
+    """
+    config, ctx = training.config, training.ctx
+    seed, global_batch = config.run.seed, config.optim.batch_size
+    local_batch = global_batch // ctx.world_size
+    started = time.perf_counter()
+    order = torch.randperm(
+        len(training.images), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+    ).to(ctx.device)
+    views_rng = torch.Generator(ctx.device).manual_seed((seed * 100_003 + epoch) * 1_009 + ctx.rank)
+    sums = torch.zeros(len(training.terms), device=ctx.device)
+    # The first step with a non-finite term and its terms, kept on the device (no sync).
+    first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
+    bad_terms = torch.zeros(len(training.terms), device=ctx.device)
+    for step in range(training.steps_per_epoch):
+        first = step * global_batch + ctx.rank * local_batch
+        batch = training.images[order[first : first + local_batch]]
+        terms = train_step(
+            training, training.augment.stacked_views(batch, generator=views_rng), epoch
+        )
+        sums += terms
+        newly_bad = ~torch.isfinite(terms).all() & (first_bad < 0)
+        first_bad = torch.where(newly_bad, step, first_bad)
+        bad_terms = torch.where(newly_bad, terms, bad_terms)
+    means = (sums / training.steps_per_epoch).tolist()
+    elapsed = time.perf_counter() - started
+    bad_step = int(first_bad)
+    if bad_step >= 0:
+        values = zip(training.terms, bad_terms.tolist(), strict=True)
+        raise NonFiniteLossError(
+            f"non-finite loss at step {epoch * training.steps_per_epoch + bad_step} (epoch "
+            f"{epoch}, step {bad_step} of {training.steps_per_epoch}): "
+            f"{', '.join(f'{k}={v:.4g}' for k, v in values)}; "
+            f"lower optim.lr (now {config.optim.lr}) or raise loss.temperature"
+        )
+    return {
+        **{f"loss/{term}": value for term, value in zip(training.terms, means, strict=True)},
+        "epoch": epoch,
+        "lr": training.scheduler.get_last_lr()[0],
+        "images_per_s": training.steps_per_epoch * global_batch / elapsed,
+    }
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+@dataclass
+class Embedded:
+    """The training set through the model, and the assignment rule fitted on it."""
+
+    features: np.ndarray  # L2-normalised backbone features
+    clusters: np.ndarray
+    probabilities: np.ndarray
+    ood: np.ndarray
+    hidden: np.ndarray
+    centers: np.ndarray | None  # k-means centres when eval.assign is kmeans
+    ood_threshold: float
+
+
+def embed_training_set(
+    model: JointModel, data: RunData, config: Config, device: torch.device
+) -> Embedded:
+    out = embed(model, data.train.images, device)
+    features = nn.functional.normalize(out["features"], dim=1).numpy()
+    centers = None
+    if config.eval.assign == "kmeans":
+        centers = fit_centers(features, config.model.num_clusters, config.run.seed)
+    clusters, probabilities = assign(
+        features, out["assignments"].numpy(), centers, config.loss.temperature
+    )
+    ood = out["ood"].numpy()
+    return Embedded(
+        features=features,
+        clusters=clusters,
+        probabilities=probabilities,
+        ood=ood,
+        hidden=out["hidden"].numpy(),
+        centers=centers,
+        ood_threshold=float(np.quantile(ood, OOD_QUANTILE)),
+    )
+
+
+def assignment_table(embedded: Embedded, data: RunData) -> dict[str, np.ndarray]:
+    """One entry per training image: its index in the source split, cluster, confidence, OOD
+    score and label when known (the run's Parquet artifact)."""
+    clusters = embedded.clusters
+    table = {
+        "index": np.asarray(data.lt_indices, dtype=np.int64),
+        "cluster": clusters.astype(np.int64),
+        "confidence": embedded.probabilities[np.arange(len(clusters)), clusters],
+        "ood_score": embedded.ood,
+    }
+    if data.train.labels is not None:
+        table["label"] = np.asarray(data.train.labels, dtype=np.int64)
+    return table
+
+
+def evaluate(
+    model: JointModel, data: RunData, config: Config, device: torch.device, embedded: Embedded
+) -> dict[str, Any]:
+    """Every metric of the metrics module, on the LT training set and the evaluation split."""
+    num_clusters = config.model.num_clusters
+    clusters = embedded.clusters
+    result: dict[str, Any] = {
+        "selection_score": metrics.selection_score(embedded.hidden, clusters),
+        "ood_threshold": embedded.ood_threshold,
+        "predicted_sizes": np.bincount(clusters, minlength=num_clusters).tolist(),
+    }
+    labels = data.train.labels
+    if labels is None:
+        return result
+    for key, value in metrics.cluster_metrics(
+        labels, clusters, num_clusters, class_order=data.class_order
+    ).items():
+        result[f"train/{key}"] = value
+    sizes = metrics.cluster_size_report(labels, clusters, num_clusters)
+    result["true_sizes"] = sizes["true_sizes"]
+    result["cluster_size_l1"] = sizes["size_l1"]
+    evaluation, features = data.eval, embedded.features
+    if evaluation is None or evaluation is data.train or evaluation.labels is None:
+        result["knn_acc"] = metrics.knn_accuracy(
+            features, labels, features, labels, k=config.eval.knn_k, exclude_self=True
+        )
+        return result
+    eval_out = embed(model, evaluation.images, device)
+    eval_features = nn.functional.normalize(eval_out["features"], dim=1).numpy()
+    eval_clusters, _ = assign(
+        eval_features, eval_out["assignments"].numpy(), embedded.centers, config.loss.temperature
+    )
+    for key, value in metrics.cluster_metrics(
+        evaluation.labels, eval_clusters, num_clusters, class_order=data.class_order
+    ).items():
+        result[f"test/{key}"] = value
+    result["knn_acc"] = metrics.knn_accuracy(
+        features, labels, eval_features, evaluation.labels, k=config.eval.knn_k
+    )
+    return result
+
+
+def checkpoint_state(
+    training: Training, data: RunData, epoch: int, embedded: Embedded
+) -> dict[str, Any]:
+    """A weights_only-loadable dict: what resuming needs, and what applying the model needs
+    (see checkpoint.py), so that a checkpoint works without its training data."""
+    return {
+        "model": training.model.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict(),
+        "rng_state": torch.get_rng_state(),
+        "epoch": epoch,
+        "config": training.config.to_dict(),
+        "lt_indices": torch.tensor(data.lt_indices),
+        "in_channels": int(data.train.images.shape[1]),
+        "image_side": int(data.train.images.shape[-1]),
+        "ood_threshold": embedded.ood_threshold,
+        "centers": None if embedded.centers is None else torch.from_numpy(embedded.centers),
+        "objective_state": {k: v.detach().cpu() for k, v in training.objective_state.items()},
+    }
+
+
 def fit(
     config: Config,
     data: RunData,
@@ -310,96 +384,26 @@ def fit(
     (only on rank 0, on checkpoint epochs) is a weights_only-loadable dict to save as the
     checkpoint; ``assignments`` (rank 0, last epoch) are the training set's clusters.
     """
-    torch.manual_seed(config.run.seed)
+    training = start_training(config, data, ctx, restored)
     run = config.run
-    global_batch = config.optim.batch_size
-    local_batch = global_batch // ctx.world_size
-    num_images = len(data.train.images)
-    steps_per_epoch = num_images // global_batch  # >= 1: checked by prepare_data
-    # channels-last: faster convolutions on GPU (tensor cores) and on CPU (oneDNN) alike.
-    model = build_model(config, data.train.images.shape[1]).to(
-        ctx.device, memory_format=torch.channels_last
-    )
-    optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    start_epoch = 0
-    if restored is not None:
-        model.load_state_dict(restored["model"])
-        optimizer.load_state_dict(restored["optimizer"])
-        scheduler.load_state_dict(restored["scheduler"])
-        torch.set_rng_state(restored["rng_state"])
-        start_epoch = int(restored["epoch"]) + 1
-    wrapped: nn.Module = model
-    if ctx.world_size > 1:
-        wrapped = DistributedDataParallel(
-            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
-        )
-    augment = BatchAugment(config.augment)
-    images = data.train.images.to(ctx.device)
     last: dict[str, Any] = {}
-    for epoch in range(start_epoch, run.epochs):
-        started = time.perf_counter()
-        order = torch.randperm(
-            num_images, generator=torch.Generator().manual_seed(run.seed * 100_003 + epoch)
-        ).to(ctx.device)
-        views_rng = torch.Generator(ctx.device).manual_seed(
-            (run.seed * 100_003 + epoch) * 1_009 + ctx.rank
-        )
-        sums = torch.zeros(len(LOSS_TERMS), device=ctx.device)
-        # The first step with a non-finite term and its terms, kept on the device (no sync).
-        first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
-        bad_terms = torch.zeros(len(LOSS_TERMS), device=ctx.device)
-        for step in range(steps_per_epoch):
-            first = step * global_batch + ctx.rank * local_batch
-            batch = images[order[first : first + local_batch]]
-            views = augment.stacked_views(batch, generator=views_rng)
-            with autocast(ctx.device):
-                losses = joint_loss(wrapped, model, views, config, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            scheduler.step()
-            terms = torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
-            sums += terms
-            newly_bad = ~torch.isfinite(terms).all() & (first_bad < 0)
-            first_bad = torch.where(newly_bad, step, first_bad)
-            bad_terms = torch.where(newly_bad, terms, bad_terms)
-        means = (sums / steps_per_epoch).tolist()
-        elapsed = time.perf_counter() - started
-        epoch_metrics: dict[str, Any] = {
-            f"loss/{k}": v for k, v in zip(LOSS_TERMS, means, strict=True)
-        }
-        bad_step = int(first_bad)
-        if bad_step >= 0:
-            values = zip(LOSS_TERMS, bad_terms.tolist(), strict=True)
-            raise NonFiniteLossError(
-                f"non-finite loss at step {epoch * steps_per_epoch + bad_step} (epoch {epoch}, step "
-                f"{bad_step} of {steps_per_epoch}): {', '.join(f'{k}={v:.4g}' for k, v in values)}; "
-                f"lower optim.lr (now {config.optim.lr}) or raise loss.temperature"
-            )
-        epoch_metrics["epoch"] = epoch
-        epoch_metrics["lr"] = scheduler.get_last_lr()[0]
-        epoch_metrics["images_per_s"] = steps_per_epoch * global_batch / elapsed
+    for epoch in range(training.start_epoch, run.epochs):
+        epoch_metrics = train_epoch(training, epoch)
         is_last = epoch == run.epochs - 1
-        assignments = None
-        if ctx.rank == 0 and (is_last or (epoch + 1) % config.eval.every == 0):
-            evaluated, assignments = evaluate(model, data, config, ctx.device)
-            epoch_metrics.update(evaluated)
-        state = None
-        if ctx.rank == 0 and (is_last or (epoch + 1) % run.checkpoint_every == 0):
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng_state": torch.get_rng_state(),
-                "epoch": epoch,
-                "config": config.to_dict(),
-                "lt_indices": torch.tensor(data.lt_indices),
-                "in_channels": int(data.train.images.shape[1]),
-            }
+        evaluates = is_last or (epoch + 1) % config.eval.every == 0
+        saves = is_last or (epoch + 1) % run.checkpoint_every == 0
+        state = assignments = None
+        if ctx.rank == 0 and (evaluates or saves):
+            embedded = embed_training_set(training.model, data, config, ctx.device)
+            if evaluates:
+                epoch_metrics.update(evaluate(training.model, data, config, ctx.device, embedded))
+            if saves:
+                state = checkpoint_state(training, data, epoch, embedded)
+            if is_last:
+                assignments = assignment_table(embedded, data)
         if ctx.rank == 0:
             log(progress_line(epoch_metrics, run.epochs))
-        report(epoch_metrics, state, assignments if is_last else None)
+        report(epoch_metrics, state, assignments)
         last = epoch_metrics
     return last
 
@@ -409,7 +413,7 @@ def progress_line(epoch_metrics: dict[str, Any], epochs: int) -> str:
     for key in (
         "loss/total",
         "loss/dcl",
-        "loss/ddc",
+        "loss/clustering",
         "train/caa",
         "train/nmi",
         "test/caa",

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from jdcl_ray.config import Config
 from jdcl_ray.distributed import all_reduce_sum, gather_with_grad, is_distributed
 from jdcl_ray.errors import UserError
 
@@ -101,6 +102,15 @@ class ClusteringHead(nn.Module):
         return assignments, hidden
 
 
+class PooledStatistics(NamedTuple):
+    """What the statistics pooling block holds, read-only for the objective (ours)."""
+
+    proportions: Tensor  # (K,) π_k, uniform before the first update
+    mean: Tensor  # (K, F) per-cluster feature mean
+    var: Tensor  # (K, F) per-cluster diagonal feature variance
+    num_updates: Tensor  # () steps pooled so far
+
+
 class StatisticsPooling(nn.Module):
     """Per-cluster soft cardinality, mean and diagonal variance of the backbone features (ours).
 
@@ -158,6 +168,9 @@ class StatisticsPooling(nn.Module):
         if total <= 0:
             return torch.full_like(self.cardinality, 1.0 / self.cardinality.numel())
         return self.cardinality / total
+
+    def statistics(self) -> PooledStatistics:
+        return PooledStatistics(self.proportions(), self.mean, self.var, self.num_updates)
 
     @torch.no_grad()
     def ood_score(self, features: Tensor) -> Tensor:
@@ -262,3 +275,19 @@ class JointModel(nn.Module):
         features = self.backbone(images)
         assignments, hidden = self.clustering(features)
         return JointOutput(features, self.projection(features), assignments, hidden)
+
+
+def build_model(config: Config, in_channels: int) -> JointModel:
+    """The joint model a config describes, with batch norm over the global batch."""
+    m = config.model
+    model = JointModel(
+        m.backbone,
+        in_channels,
+        m.num_clusters,
+        width=m.width,
+        projection_hidden=m.projection_hidden,
+        projection_dim=m.projection_dim,
+        cluster_hidden=m.cluster_hidden,
+        pooling_momentum=config.loss.pooling_momentum,
+    )
+    return use_global_batchnorm(model)

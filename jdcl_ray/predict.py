@@ -11,7 +11,6 @@ so memory stays flat whatever the number of images. With ``--address``, the chun
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -25,31 +24,18 @@ import pyarrow.parquet as pq
 import torch
 
 from jdcl_ray import storage, tracking
-from jdcl_ray.config import Config, from_dict
-from jdcl_ray.data.sources import IMAGE_EXTENSIONS, decode_images, parquet_image_bytes
-from jdcl_ray.engine import build_model, embed, kmeans_probabilities, prepare_data
+from jdcl_ray.assign import assign
+from jdcl_ray.checkpoint import TrainedModel, find_checkpoint, load_model
+from jdcl_ray.data import IMAGE_EXTENSIONS, decode_images, parquet_image_bytes
+from jdcl_ray.engine import embed
 from jdcl_ray.errors import UserError, run_cli
-from jdcl_ray.models import JointModel
+from jdcl_ray.runtime import init_ray
 
-ASSIGNMENTS_FILE = "assignments.parquet"
-OOD_QUANTILE = 0.95  # engine.evaluate's ood_threshold: the training scores' 95th percentile
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 CPU = torch.device("cpu")
 
-# (where, file or encoded bytes): what sources.decode_images reads, one image per pair.
+# (where, file or encoded bytes): what data.decode_images reads, one image per pair.
 Sources = list[tuple[str, Path | bytes]]
-
-
-def write_assignments(columns: dict[str, np.ndarray], path: str | Path) -> Path:
-    """One row per image: index, cluster, confidence, ood_score (and label when known)."""
-    path = Path(path)
-    pq.write_table(pa.table({name: pa.array(values) for name, values in columns.items()}), path)
-    return path
-
-
-def read_assignments(path: str | Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(path)
-    return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
 # --- which checkpoint ------------------------------------------------------------------------
@@ -59,21 +45,11 @@ def resolve_model(model: str, tracking_uri: str) -> str:
     """The checkpoint folder named by ``model``: a checkpoint folder (holding state.pt), a Train
     run folder (its newest complete checkpoint), an MLflow run id (its ``checkpoint`` tag; a
     search's parent run stands for its best trial) or ``models:/NAME/VERSION``."""
-    from jdcl_ray.train import STATE_FILE, saved_checkpoints  # train imports this module
-
     if model.startswith("models:/"):
         return resolve_model(_registered_run(model, tracking_uri), tracking_uri)
     location = storage.resolve(model)
     if storage.exists(location):
-        if storage.exists(storage.join(location, STATE_FILE)):
-            return location
-        for _, folder in reversed(saved_checkpoints(location)):
-            if storage.exists(storage.join(folder, STATE_FILE)):
-                return folder
-        raise UserError(
-            f"--model {location} holds no {STATE_FILE} and no train/checkpoint_*/{STATE_FILE}: "
-            "expected a checkpoint folder or a training run's folder"
-        )
+        return find_checkpoint(location)
     if RUN_ID.match(model):
         return resolve_model(_run_checkpoint(model, tracking_uri), tracking_uri)
     raise UserError(
@@ -126,89 +102,34 @@ def _registered_run(uri: str, tracking_uri: str) -> str:
 class Predictor:
     """A trained model with what applying it needs, picklable so Ray Data workers get a copy."""
 
-    model: JointModel
-    side: int  # training images' side: inputs are resized to side x side
-    channels: int
-    ood_threshold: float
-    centers: np.ndarray | None  # k-means centroids when the run assigned with k-means, else None
-    config: Config
+    trained: TrainedModel
     embeddings: bool = False
     device: torch.device = CPU
 
     def to(self, device: torch.device) -> Predictor:
-        self.model.to(device, memory_format=torch.channels_last)
+        self.trained.model.to(device, memory_format=torch.channels_last)
         self.device = device
         return self
 
     def __call__(self, sources: Sources) -> dict[str, np.ndarray]:
         """cluster, confidence, ood_score, ood (and embedding) of one chunk of encoded images."""
-        images = decode_images(sources, self.side, self.channels)
-        out = embed(self.model, images, self.device, batch_size=len(images))
+        trained = self.trained
+        images = decode_images(sources, trained.image_side, trained.in_channels)
+        out = embed(trained.model, images, self.device, batch_size=len(images))
         features = torch.nn.functional.normalize(out["features"], dim=1).numpy()
-        if self.centers is None:
-            probabilities = out["assignments"].numpy()
-            clusters = probabilities.argmax(1)
-        else:  # as engine.evaluate: nearest centroid, softmax over cosine similarity
-            distances = ((features[:, None] - self.centers[None]) ** 2).sum(-1)
-            clusters = distances.argmin(1)
-            probabilities = kmeans_probabilities(features, self.centers, self.config)
+        clusters, probabilities = assign(
+            features, out["assignments"].numpy(), trained.centers, trained.config.loss.temperature
+        )
         ood = out["ood"].numpy()
         columns = {
             "cluster": clusters.astype(np.int64),
             "confidence": probabilities[np.arange(len(clusters)), clusters].astype(np.float32),
             "ood_score": ood.astype(np.float32),
-            "ood": ood > self.ood_threshold,
+            "ood": ood > trained.ood_threshold,
         }
         if self.embeddings:
             columns["embedding"] = features.astype(np.float32)
         return columns
-
-
-def load_predictor(checkpoint: str, embeddings: bool = False) -> Predictor:
-    """The checkpoint's model, its input size and OOD threshold, and k-means centroids if the
-    run assigned clusters with k-means (the means of the training features of each cluster in
-    the checkpoint's assignments). The training data is loaded only when the config doesn't
-    give the image size or k-means needs the training features."""
-    from jdcl_ray.train import METRICS_FILE, load_state
-
-    state = load_state(checkpoint)
-    config = from_dict(state["config"])
-    model = build_model(config, int(state["in_channels"]))
-    model.load_state_dict(state["model"])
-    metrics_file = storage.join(checkpoint, METRICS_FILE)
-    metrics = json.loads(storage.read_text(metrics_file)) if storage.exists(metrics_file) else {}
-    kmeans = config.eval.assign == "kmeans"
-    side, threshold, centers = config.data.image_size, metrics.get("ood_threshold"), None
-    if side is None or kmeans or threshold is None:
-        train = prepare_data(config).train
-        side = side or train.images.shape[-1]
-    if kmeans or threshold is None:
-        out = embed(model, train.images, CPU)
-        if threshold is None:
-            threshold = float(np.quantile(out["ood"].numpy(), OOD_QUANTILE))
-        if kmeans:
-            centers = _centroids(checkpoint, out["features"], config.model.num_clusters)
-    return Predictor(
-        model=model,
-        side=int(side),
-        channels=int(state["in_channels"]),
-        ood_threshold=float(threshold),
-        centers=centers,
-        config=config,
-        embeddings=embeddings,
-    )
-
-
-def _centroids(checkpoint: str, features: torch.Tensor, num_clusters: int) -> np.ndarray:
-    table = storage.join(checkpoint, ASSIGNMENTS_FILE)
-    if not storage.exists(table):
-        raise UserError(
-            f"checkpoint {checkpoint} has no {ASSIGNMENTS_FILE}, which a k-means run "
-            "(eval.assign: kmeans) needs: expected the run's final checkpoint"
-        )
-    clusters = read_assignments(storage.open_bytes(table))["cluster"]
-    normalized = torch.nn.functional.normalize(features, dim=1).numpy()
-    return np.stack([normalized[clusters == k].mean(0) for k in range(num_clusters)])
 
 
 # --- inputs, in chunks -----------------------------------------------------------------------
@@ -421,11 +342,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint = resolve_model(args.model, args.tracking_uri or tracking.default_tracking_uri())
-    predictor = load_predictor(checkpoint, args.embeddings)
+    predictor = Predictor(load_model(checkpoint), args.embeddings)
     options = {"batch_size": args.batch_size, "image_column": args.image_column}
     if args.address:
-        from jdcl_ray.train import init_ray
-
         init_ray(args.address)
         rows = predict_ray(predictor, args.data, args.output, **options)
     else:

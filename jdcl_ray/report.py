@@ -9,7 +9,6 @@ checkpoint (its training images embedded again) and logs them to the run under `
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -22,18 +21,12 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 
 from jdcl_ray import storage, tracking
-from jdcl_ray.config import from_dict
-from jdcl_ray.engine import build_model, embed, prepare_data
+from jdcl_ray.checkpoint import ASSIGNMENTS_FILE, load_model, read_assignments
+from jdcl_ray.data import prepare_data
+from jdcl_ray.engine import embed
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.metrics import match_clusters
-from jdcl_ray.predict import (
-    ASSIGNMENTS_FILE,
-    OOD_QUANTILE,
-    RUN_ID,
-    read_assignments,
-    resolve_model,
-)
-from jdcl_ray.train import METRICS_FILE, load_state
+from jdcl_ray.predict import RUN_ID, resolve_model
 
 MAP_POINTS = 2000  # t-SNE is quadratic-ish: a seeded subsample keeps it to seconds
 
@@ -199,18 +192,16 @@ def run_report(run_id: str, tracking_uri: str, folder: Path) -> list[Path]:
             "final checkpoint of a finished run"
         )
     assignments = read_assignments(storage.open_bytes(table))
-    state = load_state(checkpoint)
-    config = from_dict(state["config"])
-    model = build_model(config, int(state["in_channels"]))
-    model.load_state_dict(state["model"])
+    trained = load_model(checkpoint)
+    config = trained.config
+    # The plots show the training images themselves: the one step here that needs the data.
     train = prepare_data(config).train
-    if not np.array_equal(assignments["index"], state["lt_indices"].numpy()):
+    if not np.array_equal(assignments["index"], trained.lt_indices):
         raise UserError(f"{table} does not list the training images of {checkpoint}")
-    out = embed(model, train.images, torch.device("cpu"))
+    out = embed(trained.model, train.images, torch.device("cpu"))
     features = torch.nn.functional.normalize(out["features"], dim=1).numpy()
-    metrics = json.loads(storage.read_text(storage.join(checkpoint, METRICS_FILE)))
     scores = assignments["ood_score"]
-    threshold = metrics.get("ood_threshold", float(np.quantile(scores, OOD_QUANTILE)))
+    threshold = trained.ood_threshold
     clusters, num_clusters = assignments["cluster"], config.model.num_clusters
     paths = assignment_plots(assignments, num_clusters, folder)
     paths += [

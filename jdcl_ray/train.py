@@ -8,73 +8,34 @@ the workers through Ray's object store, so only the driver needs the files.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
-from jdcl_ray import storage
-from jdcl_ray.config import Config, config_yaml, from_dict, load_config, merge, parse_overrides
-from jdcl_ray.engine import NonFiniteLossError, RunData, fit, prepare_data, worker_context
+from jdcl_ray import objective, storage
+from jdcl_ray.checkpoint import (
+    ASSIGNMENTS_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    TRAIN_DIR,
+    load_state,
+    newest_saved_state,
+    save_checkpoint,
+    save_run_inputs,
+    saved_checkpoints,
+)
+from jdcl_ray.config import Config, from_dict, load_config, merge, parse_overrides
+from jdcl_ray.data import RunData, prepare_data
+from jdcl_ray.engine import NonFiniteLossError, fit, worker_context
 from jdcl_ray.errors import UserError, run_cli
-from jdcl_ray.predict import ASSIGNMENTS_FILE, write_assignments
+from jdcl_ray.runtime import init_ray, trials_that_fit
 
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.json"
-TRAIN_DIR = "train"
 NON_FINITE = "non_finite_loss"  # key of a worker's return value when training diverged
-
-
-def load_state(checkpoint: str | Path) -> dict[str, Any]:
-    """A checkpoint's training state; weights_only=True so a checkpoint can't run code."""
-    location = storage.join(str(checkpoint), STATE_FILE)
-    try:
-        return torch.load(storage.open_bytes(location), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0][:160]
-        raise UserError(
-            f"{location} is not a weights-only checkpoint: refused to unpickle it ({reason})"
-        ) from None
-
-
-def saved_checkpoints(output: str) -> list[tuple[dict[str, Any], str]]:
-    """(metrics, folder) of every checkpoint in ``output`` with a readable metrics file, by epoch."""
-    runs = storage.join(output, TRAIN_DIR)
-    found = []
-    for name in storage.list_names(runs):
-        if not name.startswith("checkpoint_") or name.endswith(".json"):  # Ray's snapshot file
-            continue
-        folder = storage.join(runs, name)
-        try:
-            metrics = json.loads(storage.read_text(storage.join(folder, METRICS_FILE)))
-            int(metrics["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        found.append((metrics, folder))
-    return sorted(found, key=lambda item: int(item[0]["epoch"]))
-
-
-def newest_saved_state(output: str) -> dict[str, Any] | None:
-    """The state of the highest-epoch checkpoint in ``output`` that loads completely, or None.
-
-    Ray records a checkpoint in its snapshot some time after the folder is written; a driver
-    killed in between would make ``--resume`` redo epochs whose checkpoints are on disk.
-    Folders are tried newest first; only one is loaded unless the newest was cut short by the kill.
-    """
-    for _, folder in reversed(saved_checkpoints(output)):
-        try:
-            return load_state(folder)
-        except Exception:  # a state file cut short by the kill: try the next older one
-            continue
-    return None
 
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -107,10 +68,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / STATE_FILE)
-            (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-            if assignments is not None:
-                write_assignments(assignments, Path(folder) / ASSIGNMENTS_FILE)
+            save_checkpoint(folder, state, metrics, assignments)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     # Train V2 routes worker prints through its logger: log once, through logging.
@@ -119,54 +77,6 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     except NonFiniteLossError as error:
         # Returned, not raised: Ray would restart the workers and hit the same NaN again.
         return {NON_FINITE: str(error)}
-
-
-def init_ray(address: str | None, resources: dict[str, float] | None = None) -> bool:
-    """Connect to a cluster when one is named, else start Ray in-process on this machine
-    (with ``resources`` as custom resources). True when connected to a cluster."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        if address:
-            try:
-                ray.init(address=address)
-            except (ConnectionError, RuntimeError) as error:
-                raise UserError(f"Ray cluster at {address} is unreachable: {error}") from None
-        else:
-            # "local": a new Ray here, never a stale `ray start` cluster found in /tmp/ray.
-            # The dashboard hosts the State API that Train uses to clean up stopped runs.
-            ray.init(address="local", dashboard_host="127.0.0.1", resources=resources)
-    return bool(address)
-
-
-def trials_that_fit(config: Config, on_cluster: bool) -> int:
-    """How many runs of ``config``'s workers the Ray cluster holds at once (at least 1).
-
-    A run that can never be placed would wait forever: on this machine that is an error naming
-    the keys; on a cluster (which may autoscale) it is a warning.
-    """
-    import ray
-
-    run = config.run
-    available = ray.cluster_resources()
-    needs = {"CPU": run.workers * run.cpus_per_worker}
-    if run.use_gpu:
-        needs["GPU"] = run.workers * run.gpus_per_worker
-    fits = min(int(available.get(name, 0) // amount) for name, amount in needs.items())
-    if fits >= 1:
-        return fits
-    message = (
-        f"a run needs {needs} (run.workers = {run.workers} × run.cpus_per_worker = "
-        f"{run.cpus_per_worker}"
-        + (f", × run.gpus_per_worker = {run.gpus_per_worker}" if run.use_gpu else "")
-        + f") but the Ray cluster has {{{', '.join(f'{k!r}: {available.get(k, 0)}' for k in needs)}}}"
-    )
-    if not on_cluster:
-        raise UserError(f"{message}: lower run.workers or the resources per worker")
-    logging.getLogger("jdcl_ray").warning("%s: waiting for the cluster to scale up", message)
-    return 1
 
 
 def run_training(
@@ -282,7 +192,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, str]:
         if args.output is None:
             raise UserError("--resume needs --output: the folder of the run to continue")
         output = storage.resolve(args.output)
-        saved = storage.join(output, "config.yaml")
+        saved = storage.join(output, CONFIG_FILE)
         if not storage.exists(saved):
             raise UserError(f"--resume: {saved} does not exist: expected the folder of a run")
         values = yaml.safe_load(storage.read_text(saved))
@@ -299,17 +209,10 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, str]:
     return config, output
 
 
-def save_run_inputs(config: Config, lt_indices: np.ndarray, output: str) -> None:
-    """The resolved config and the long-tail draw, beside the run's checkpoints."""
-    storage.write_text(storage.join(output, "config.yaml"), config_yaml(config))
-    buffer = io.BytesIO()
-    np.save(buffer, lt_indices)
-    storage.write_bytes(storage.join(output, "lt_indices.npy"), buffer.getvalue())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config, output = resolve_run(args)
+    objective.loss_terms(config)  # an unknown loss.clustering fails here, before Ray starts
     data = prepare_data(config)
     on_cluster = init_ray(args.address)
     storage.check_shared(output, "--output")

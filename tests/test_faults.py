@@ -18,8 +18,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer, cli
 
+from jdcl_ray.checkpoint import load_state
 from jdcl_ray.errors import UserError
-from jdcl_ray.train import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits_lt.yaml"
@@ -196,7 +196,7 @@ def test_shipped_files_hold_no_credentials():
 def test_local_ray_dashboard_listens_on_loopback():
     import ray
 
-    from jdcl_ray.train import init_ray
+    from jdcl_ray.runtime import init_ray
 
     try:
         init_ray(None)

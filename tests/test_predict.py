@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
 import subprocess
 import sys
@@ -18,18 +17,12 @@ import torch
 from PIL import Image
 
 from jdcl_ray import metrics, tracking
+from jdcl_ray.checkpoint import ASSIGNMENTS_FILE, read_assignments, save_checkpoint
 from jdcl_ray.config import load_config
-from jdcl_ray.data import load_digits
-from jdcl_ray.engine import WorkerContext, fit, prepare_data
+from jdcl_ray.data import load_digits, prepare_data
+from jdcl_ray.engine import WorkerContext, fit
 from jdcl_ray.errors import UserError, run_cli
-from jdcl_ray.predict import (
-    ASSIGNMENTS_FILE,
-    main,
-    read_assignments,
-    resolve_model,
-    write_assignments,
-)
-from jdcl_ray.train import METRICS_FILE, STATE_FILE
+from jdcl_ray.predict import main, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits_lt.yaml"
@@ -45,10 +38,7 @@ def train_tiny(output: Path) -> Path:
             return
         folder = output / "train" / f"checkpoint_{metrics['epoch']:06d}"
         folder.mkdir(parents=True)
-        torch.save(state, folder / STATE_FILE)
-        (folder / METRICS_FILE).write_text(json.dumps(metrics))
-        if assignments is not None:
-            write_assignments(assignments, folder / ASSIGNMENTS_FILE)
+        save_checkpoint(folder, state, metrics, assignments)
 
     torch.set_num_threads(2)
     fit(config, prepare_data(config), WorkerContext(0, 1, torch.device("cpu")), report, log=print)

@@ -15,7 +15,8 @@ import ray
 from servers import cli
 
 from jdcl_ray import metrics
-from jdcl_ray.train import load_state, main
+from jdcl_ray.checkpoint import load_state
+from jdcl_ray.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits_lt.yaml"

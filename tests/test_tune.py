@@ -144,7 +144,7 @@ def test_child_runs_hold_config_metrics_per_epoch_and_tags(quick_search):
         assert sorted(int(s) for s in epochs) == list(range(finished)) and finished >= 1
         # One point per finished epoch, for every metric; no Ray bookkeeping in the metrics.
         keys = {m["key"] for m in child["data"]["metrics"]}
-        assert {"loss/total", "loss/dcl", "loss/ddc", "selection_score", "train/caa"} <= keys
+        assert {"loss/total", "loss/dcl", "loss/clustering", "selection_score", "train/caa"} <= keys
         assert not keys & {"pid", "timestamp", "time_this_iter_s", "training_iteration"}
         for key in keys:
             history = server.get("metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
@@ -189,7 +189,7 @@ def test_finished_trials_log_assignments_and_plots(quick_search):
 
 
 def load_digits_lt_indices():
-    from jdcl_ray.engine import prepare_data
+    from jdcl_ray.data import prepare_data
 
     return prepare_data(load_config(DIGITS)).lt_indices
 

@@ -1,25 +1,27 @@
-"""Data: image sources read into one ``ImageDataset``, and seeded long-tailed sampling."""
+"""Data: image sources read into one ``ImageDataset``, and seeded long-tailed sampling.
 
+Each loader reads the files in their published on-disk format from a local folder, so runs work on
+machines without internet; ``download=True`` hands the fetching to torchvision for users who have it.
+"""
+
+from jdcl_ray.data.cifar import load_cifar10, load_cifar100
+from jdcl_ray.data.dataset import ImageDataset
+from jdcl_ray.data.digits import load_digits
+from jdcl_ray.data.idx import load_fashion_mnist, load_idx, load_mnist
+from jdcl_ray.data.images import IMAGE_EXTENSIONS, decode_images, load_image_folder
 from jdcl_ray.data.longtail import PROFILES, long_tail_counts, sample_long_tail
-from jdcl_ray.data.sources import (
-    LOADERS,
-    ImageDataset,
-    load_cifar10,
-    load_cifar100,
-    load_dataset,
-    load_digits,
-    load_fashion_mnist,
-    load_idx,
-    load_image_folder,
-    load_mnist,
-    load_parquet,
-    load_stl10,
-)
+from jdcl_ray.data.parquet import load_parquet, parquet_image_bytes
+from jdcl_ray.data.prepare import RunData, prepare_data
+from jdcl_ray.data.registry import LOADERS, load_dataset
+from jdcl_ray.data.stl import load_stl10
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "LOADERS",
     "PROFILES",
     "ImageDataset",
+    "RunData",
+    "decode_images",
     "load_cifar10",
     "load_cifar100",
     "load_dataset",
@@ -31,5 +33,7 @@ __all__ = [
     "load_parquet",
     "load_stl10",
     "long_tail_counts",
+    "parquet_image_bytes",
+    "prepare_data",
     "sample_long_tail",
 ]

@@ -1,0 +1,81 @@
+"""The Ray runtime edge: start or join Ray, check what the cluster holds, size a search to it.
+
+What ``train`` and ``tune`` (and ``predict --address``) both need before any work is placed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from jdcl_ray.config import Config
+from jdcl_ray.errors import UserError
+
+# Each trial's driver (a Tune function trainable) holds a sliver of this custom resource instead
+# of a CPU, so that on 2 cores the Train workers get the CPUs (ray.md).
+TRIAL_RESOURCE = "TRAIN_DRIVER"
+TRIAL_SHARE = 0.01
+
+
+def init_ray(address: str | None, resources: dict[str, float] | None = None) -> bool:
+    """Connect to a cluster when one is named, else start Ray in-process on this machine
+    (with ``resources`` as custom resources). True when connected to a cluster."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if address:
+            try:
+                ray.init(address=address)
+            except (ConnectionError, RuntimeError) as error:
+                raise UserError(f"Ray cluster at {address} is unreachable: {error}") from None
+        else:
+            # "local": a new Ray here, never a stale `ray start` cluster found in /tmp/ray.
+            # The dashboard hosts the State API that Train uses to clean up stopped runs.
+            ray.init(address="local", dashboard_host="127.0.0.1", resources=resources)
+    return bool(address)
+
+
+def trials_that_fit(config: Config, on_cluster: bool) -> int:
+    """How many runs of ``config``'s workers the Ray cluster holds at once (at least 1).
+
+    A run that can never be placed would wait forever: on this machine that is an error naming
+    the keys; on a cluster (which may autoscale) it is a warning.
+    """
+    import ray
+
+    run = config.run
+    available = ray.cluster_resources()
+    needs = {"CPU": run.workers * run.cpus_per_worker}
+    if run.use_gpu:
+        needs["GPU"] = run.workers * run.gpus_per_worker
+    fits = min(int(available.get(name, 0) // amount) for name, amount in needs.items())
+    if fits >= 1:
+        return fits
+    message = (
+        f"a run needs {needs} (run.workers = {run.workers} × run.cpus_per_worker = "
+        f"{run.cpus_per_worker}"
+        + (f", × run.gpus_per_worker = {run.gpus_per_worker}" if run.use_gpu else "")
+        + f") but the Ray cluster has {{{', '.join(f'{k!r}: {available.get(k, 0)}' for k in needs)}}}"
+    )
+    if not on_cluster:
+        raise UserError(f"{message}: lower run.workers or the resources per worker")
+    logging.getLogger("jdcl_ray").warning("%s: waiting for the cluster to scale up", message)
+    return 1
+
+
+def search_concurrency(config: Config, on_cluster: bool, requested: int | None) -> int:
+    """How many trials of a search run at once: ``requested`` (the space's
+    ``max_concurrent_trials``) or as many as fit; on this machine never more than fit, since
+    Tune counts trial drivers, not their Train workers, and would start trials that deadlock."""
+    import ray
+
+    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < TRIAL_SHARE:
+        raise UserError(
+            f"the Ray cluster has no {TRIAL_RESOURCE} resource for trial drivers: start its head "
+            f"with ray start --head --resources='{{\"{TRIAL_RESOURCE}\": 1}}' (cluster/gpu.yaml does)"
+        )
+    fits = trials_that_fit(config, on_cluster)
+    concurrent = requested or fits
+    return concurrent if on_cluster else min(concurrent, fits)
