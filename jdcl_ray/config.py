@@ -14,10 +14,44 @@ from typing import Any
 
 import yaml
 
-from jdcl_ray.augment import AugmentConfig
 from jdcl_ray.errors import UserError
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """SimCLR's augmentation strengths; the defaults are the paper's for CIFAR-sized images."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip_p: float = 0.5
+    # ColorJitter's brightness, contrast, saturation, hue
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur: bool | None = None  # None: blur when the output side is >= 96 px
+    blur_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        scale = self.crop_scale
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            _bad("crop_scale", scale, "(min, max) with 0 < min <= max <= 1")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                _bad(name, value, "a probability in [0, 1]")
+        if len(self.jitter) != 4 or not all(v >= 0 for v in self.jitter) or self.jitter[3] > 0.5:
+            _bad(
+                "jitter",
+                self.jitter,
+                "(brightness, contrast, saturation, hue), all >= 0 and hue <= 0.5",
+            )
+        if self.blur not in (None, True, False):
+            _bad("blur", self.blur, "true, false or null (blur when the side is >= 96 px)")
+
+
+def _bad(name: str, value: object, expected: str) -> None:
+    raise UserError(f"augment.{name}={value!r} is out of range: expected {expected}")
 
 
 def check(ok: bool, key: str, value: Any, expected: str) -> None:

@@ -12,9 +12,11 @@ Plain NumPy / SciPy / scikit-learn on purpose: metrics run on the driver, outsid
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING, TypeAlias
+
 import numpy as np
 import numpy.typing as npt
-import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import (
     adjusted_rand_score,
@@ -25,14 +27,19 @@ from sklearn.metrics import (
     silhouette_score,
 )
 
-Array = npt.ArrayLike | torch.Tensor
+if TYPE_CHECKING:
+    import torch
+
+# torch is not imported here: the search-space parser reads CLUSTER_METRIC_KEYS without it.
+Array: TypeAlias = "npt.ArrayLike | torch.Tensor"
 # The keys `cluster_metrics` returns.
 CLUSTER_METRIC_KEYS = ("acc", "caa", "macro_f1", "nmi", "ari", "head_acc", "medium_acc", "tail_acc")
 
 
 def _to_numpy(x: Array) -> np.ndarray:
     """Tensors may sit on a GPU, carry gradients or be half precision; metrics need only values."""
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor means torch is already imported
+    if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().cpu()
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()

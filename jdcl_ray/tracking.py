@@ -14,13 +14,15 @@ import math
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jdcl_ray.config import Config
 from jdcl_ray.errors import UserError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TRIAL_TAG = "trial_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -52,6 +54,11 @@ def redact(text: str, uri: str | None = None) -> str:
     return text.replace(netloc.rsplit("@", 1)[0] + "@", "***@")
 
 
+def _first_line(error: Exception) -> str:
+    """What went wrong, short enough for one log line."""
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
 def connect(uri: str) -> Any:
     """An MlflowClient for ``uri``, after checking a server answers (one line if it doesn't)."""
     # Fail in seconds, not after MLflow's default minutes of retries.
@@ -71,11 +78,31 @@ def connect(uri: str) -> Any:
     try:
         client.search_experiments(max_results=1)
     except Exception as error:  # any failure to reach the store is the same user-facing fact
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise UserError(
-            f"MLflow tracking server {redact(uri)} is unreachable: {redact(reason, uri)}"
+            f"MLflow tracking server {redact(uri)} is unreachable: {redact(_first_line(error), uri)}"
         ) from None
     return client
+
+
+def tracked(what: str, action: Callable[[], T]) -> T | None:
+    """Do an MLflow call; if the tracking server is away, say what was not logged and go on:
+    training and checkpoints matter more than the record of them."""
+    try:
+        return action()
+    except Exception as error:
+        logger.warning("MLflow: %s not logged (%s)", what, _first_line(error))
+        return None
+
+
+def where_to_look(uri: str, experiment: str) -> str:
+    """The line that says where to see the search's runs (how to open the UI on a sqlite store)."""
+    link = f"#/experiments/{experiment}/runs?workflowType=machine_learning"
+    if uri.startswith("sqlite:"):
+        return (
+            f"MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+            f"http://127.0.0.1:5000/{link}"
+        )
+    return f"MLflow: {redact(uri).rstrip('/')}/{link}"
 
 
 def experiment_id(client: Any, name: str) -> str:
@@ -195,6 +222,39 @@ def set_status(client: Any, run_id: str, status: str) -> None:
         client.set_terminated(run_id, status=status)
 
 
+def end_interrupted(client: Any, experiment: str, parent_id: str) -> None:
+    """A stopped search: its RUNNING child runs and the parent end as KILLED, not RUNNING."""
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    set_status(client, parent_id, "KILLED")
+
+
+def log_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """One batch of metrics, all stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+
+def register_model(
+    client: Any, run_id: str, folder: str, name: str, tags: dict[str, str], description: str
+) -> str:
+    """Log ``folder`` as the run's ``model`` artifacts and register them as a new version of
+    ``name`` (created if new); returns its ``models:/NAME/VERSION`` URI."""
+    client.log_artifacts(run_id, folder, artifact_path="model")
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="jdcl-ray: best model of each search")
+    version = client.create_model_version(
+        name, f"runs:/{run_id}/model", run_id=run_id, tags=tags, description=description
+    )
+    return f"models:/{name}/{version.version}"
+
+
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of a report (lists such as cluster sizes go to artifacts)."""
     return {
@@ -224,7 +284,6 @@ class EpochLog:
         self.pending: list[tuple[int, dict[str, float]]] = []
 
     def log(self, metrics: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         if self.run_id is None:  # the run could not be opened (already said): nothing to log to
@@ -238,17 +297,14 @@ class EpochLog:
             while self.pending:
                 step, values = self.pending[0]
                 if step > self.last_epoch:
-                    now = int(time.time() * 1000)
-                    batch = [Metric(k, v, now, step) for k, v in values.items()]
-                    client.log_batch(self.run_id, metrics=batch)
+                    log_metrics(client, self.run_id, values, step)
                     self.last_epoch = step
                 self.pending.pop(0)
         except Exception as error:
-            first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             logger.warning(
                 "MLflow: could not log epoch(s) %s to run %s at %s (%s); kept, retried next epoch",
                 [step for step, _ in self.pending],
                 self.run_id,
                 redact(self.tracking_uri),
-                redact(first, self.tracking_uri),
+                redact(_first_line(error), self.tracking_uri),
             )

@@ -16,50 +16,46 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import json
 import logging
 import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
-from jdcl_ray import storage, tracking
-from jdcl_ray.config import save_config
-from jdcl_ray.engine import prepare_data
-from jdcl_ray.errors import UserError, run_cli
-from jdcl_ray.predict import ASSIGNMENTS_FILE, read_assignments
-from jdcl_ray.report import assignment_plots
-from jdcl_ray.space import SearchSpace, load_space, tune_distribution
-from jdcl_ray.train import (
+from jdcl_ray import objective, storage, tracking
+from jdcl_ray.checkpoint import (
+    ASSIGNMENTS_FILE,
     METRICS_FILE,
     STATE_FILE,
-    init_ray,
     newest_saved_state,
-    run_training,
-    save_assignments,
+    read_assignments,
     save_run_inputs,
     saved_checkpoints,
-    trials_that_fit,
 )
+from jdcl_ray.config import Config, save_config
+from jdcl_ray.data import prepare_data
+from jdcl_ray.errors import UserError, run_cli
+from jdcl_ray.report import assignment_plots
+from jdcl_ray.runtime import TRIAL_RESOURCE, TRIAL_SHARE, init_ray, search_concurrency
+from jdcl_ray.search_summary import summarize
+from jdcl_ray.space import SearchConfig, SearchSpace, load_space, tune_distribution
+from jdcl_ray.tracking import tracked
+from jdcl_ray.train import run_training, save_assignments
 
 logger = logging.getLogger("jdcl_ray")
-T = TypeVar("T")
 
-# Trials hold a sliver of this custom resource instead of a CPU, so Train workers get every core.
-TRIAL_RESOURCE = "TRAIN_DRIVER"
-TRIAL_SHARE = 0.01
 SEARCH_FILE = "jdcl_search.json"  # beside Tune's state: the parent run and where trials live
 TRIALS_DIR = "trials"
-STATUS_COLUMNS = ("caa", "nmi", "acc", "tail_acc")
-LABEL_CHECK = "train/caa"  # judges the label-free pick when the data has labels
 
 
 @dataclass(frozen=True)
@@ -72,37 +68,62 @@ class SearchContext:
     parent_run_id: str
     trials_dir: str
 
+    def trial_dir(self, trial_id: str) -> str:
+        return storage.join(self.trials_dir, trial_id)
 
-def _tune_report_callback() -> type:
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    class TrialReportCallback(TuneReportCallback):
-        """Log each epoch to the trial's MLflow run; forward it to Tune with the search metric
-        carried over epochs that skip evaluation (``eval.every``), and ``epochs_done``."""
+class TrialReportCallback(TuneReportCallback):
+    """Log each epoch to the trial's MLflow run; forward it to Tune with the search metric
+    carried over epochs that skip evaluation (``eval.every``), and ``epochs_done``."""
 
-        def __init__(self, metric: str, tracking_uri: str, run_id: str | None) -> None:
-            super().__init__()
-            self.metric = metric
-            self.epoch_log = tracking.EpochLog(tracking_uri, run_id)
-            self.carried: dict[str, Any] = {}
+    def __init__(self, metric: str, tracking_uri: str, run_id: str | None) -> None:
+        super().__init__()
+        self.metric = metric
+        self.epoch_log = tracking.EpochLog(tracking_uri, run_id)
+        self.carried: dict[str, Any] = {}
 
-        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
-            fresh = metrics[0]
-            self.epoch_log.log(fresh)
-            if self.metric in fresh:
-                self.carried[self.metric] = fresh[self.metric]
-            # Scalars only: cluster-size lists stay in the checkpoint's metrics.json.
-            scalars = tracking.scalar_metrics(fresh)
-            forwarded = {**self.carried, **scalars, "epochs_done": int(fresh["epoch"]) + 1}
-            super().after_report(run_context, [forwarded], checkpoint)
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        fresh = metrics[0]
+        self.epoch_log.log(fresh)
+        if self.metric in fresh:
+            self.carried[self.metric] = fresh[self.metric]
+        # Scalars only: cluster-size lists stay in the checkpoint's metrics.json.
+        scalars = tracking.scalar_metrics(fresh)
+        forwarded = {**self.carried, **scalars, "epochs_done": int(fresh["epoch"]) + 1}
+        super().after_report(run_context, [forwarded], checkpoint)
 
-    return TrialReportCallback
+
+class SearchTracker(tune.Callback):
+    """Ends each trial's child run with the status the trial really ended with."""
+
+    def __init__(self, context: SearchContext) -> None:
+        self.context = context
+
+    def _end(self, trial: Any, status: str) -> None:
+        context, trial_id = self.context, trial.trial_id
+        try:
+            client = tracking.connect(context.tracking_uri)
+            child = tracking.find_child(
+                client, context.experiment_id, context.parent_run_id, trial_id
+            )
+            if child is not None:
+                if tracking.CHECKPOINT_TAG not in child.data.tags:  # stopped early
+                    tag_checkpoint(client, child.info.run_id, context.trial_dir(trial_id))
+                tracking.set_status(client, child.info.run_id, status)
+        except Exception as error:  # tracking must not stop the search
+            logger.warning("MLflow: could not end trial %s's run: %s", trial_id, error)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        done = (trial.last_result or {}).get("epochs_done", 0)
+        self._end(trial, "FINISHED" if done >= self.context.space.epochs else "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "FAILED")
 
 
 def run_trial(params: dict[str, Any], context: SearchContext) -> None:
     """One trial (a Tune function trainable): train one config, track it in its child run."""
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     config = context.space.trial_config(params)
@@ -119,7 +140,7 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
         ),
     )
     run_id, created = opened if opened is not None else (None, False)
-    output = storage.join(context.trials_dir, trial_id)
+    output = context.trial_dir(trial_id)
     final_metrics = storage.join(output, METRICS_FILE)
     if storage.exists(final_metrics):
         # Finished before the driver stopped, but after Tune last saved its state: report the
@@ -128,58 +149,67 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
         return
     data = prepare_data(config)
     save_run_inputs(config, data.lt_indices, output)
-    with tempfile.TemporaryDirectory() as folder:
-        save_config(config, Path(folder) / "config.yaml")
-        np.save(Path(folder) / "lt_indices.npy", data.lt_indices)
-        if created:
-            tracked("the trial's config", lambda: client.log_artifacts(run_id, folder))
-    callback = _tune_report_callback()(context.space.search.metric, context.tracking_uri, run_id)
+    if created:
+        log_inputs(client, run_id, config, data.lt_indices)
+    callback = TrialReportCallback(context.space.search.metric, context.tracking_uri, run_id)
     resume_state = newest_saved_state(output)
     if resume_state is not None:
-        resumed_from = int(resume_state["epoch"])
-        if run_id is not None:
-            tracked(
-                "the trial's resume tag",
-                lambda: client.set_tag(run_id, tracking.RESUMED_TAG, str(resumed_from)),
-            )
-        # Train workers can outlive a killed driver by seconds and save epochs whose reports
-        # never reached MLflow: log them from their checkpoints before training goes on.
-        for saved, _ in saved_checkpoints(output):
-            if int(saved["epoch"]) <= resumed_from:
-                callback.epoch_log.log(saved)
+        log_resume(client, run_id, output, int(resume_state["epoch"]), callback.epoch_log)
     metrics, checkpoint = run_training(config, output, data, resume_state, callbacks=[callback])
-    with tempfile.TemporaryDirectory() as folder:
-        table = Path(folder) / ASSIGNMENTS_FILE
-        if run_id is not None and save_assignments(checkpoint, str(table)):
-            plots = assignment_plots(
-                read_assignments(table), config.model.num_clusters, Path(folder) / "plots"
-            )
-
-            def log_outputs() -> None:
-                client.log_artifact(run_id, str(table))
-                for plot in plots:
-                    client.log_artifact(run_id, str(plot), artifact_path="plots")
-                tag_checkpoint(client, run_id, context, trial_id)
-
-            tracked(f"trial {trial_id}'s assignments, plots and checkpoint tag", log_outputs)
+    if run_id is not None:
+        log_outputs(client, run_id, trial_id, config, checkpoint, output)
     final = {**metrics, "epochs_done": int(metrics.get("epoch", -1)) + 1}
     storage.write_text(final_metrics, json.dumps(final, indent=2))
 
 
-def tracked(what: str, action: Callable[[], T]) -> T | None:
-    """Do an MLflow call; if the tracking server is away, say what was not logged and go on:
-    training and checkpoints matter more than the record of them."""
-    try:
-        return action()
-    except Exception as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        logger.warning("MLflow: %s not logged (%s)", what, reason)
-        return None
+def log_inputs(client: Any, run_id: str, config: Config, lt_indices: np.ndarray) -> None:
+    """The trial's resolved config and long-tail draw, as artifacts of its new run."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_config(config, Path(folder) / "config.yaml")
+        np.save(Path(folder) / "lt_indices.npy", lt_indices)
+        tracked("the trial's config", lambda: client.log_artifacts(run_id, folder))
 
 
-def tag_checkpoint(client: Any, run_id: str, context: SearchContext, trial_id: str) -> None:
+def log_resume(
+    client: Any, run_id: str | None, output: str, resumed_from: int, epoch_log: tracking.EpochLog
+) -> None:
+    """A restarted trial: tag the epoch it continues after, and log the epochs it saved."""
+    if run_id is not None:
+        tracked(
+            "the trial's resume tag",
+            lambda: client.set_tag(run_id, tracking.RESUMED_TAG, str(resumed_from)),
+        )
+    # Train workers can outlive a killed driver by seconds and save epochs whose reports
+    # never reached MLflow: log them from their checkpoints before training goes on.
+    for saved, _ in saved_checkpoints(output):
+        if int(saved["epoch"]) <= resumed_from:
+            epoch_log.log(saved)
+
+
+def log_outputs(
+    client: Any, run_id: str, trial_id: str, config: Config, checkpoint: Any, output: str
+) -> None:
+    """The finished trial's assignments and plots, and the tag naming its final checkpoint."""
+    with tempfile.TemporaryDirectory() as folder:
+        table = Path(folder) / ASSIGNMENTS_FILE
+        if not save_assignments(checkpoint, str(table)):
+            return
+        plots = assignment_plots(
+            read_assignments(table), config.model.num_clusters, Path(folder) / "plots"
+        )
+
+        def log() -> None:
+            client.log_artifact(run_id, str(table))
+            for plot in plots:
+                client.log_artifact(run_id, str(plot), artifact_path="plots")
+            tag_checkpoint(client, run_id, output)
+
+        tracked(f"trial {trial_id}'s assignments, plots and checkpoint tag", log)
+
+
+def tag_checkpoint(client: Any, run_id: str, output: str) -> None:
     """Point the trial's run at its newest complete checkpoint (what predict and report load)."""
-    saved = saved_checkpoints(storage.join(context.trials_dir, trial_id))
+    saved = saved_checkpoints(output)
     if saved:
         client.set_tag(run_id, tracking.CHECKPOINT_TAG, saved[-1][1])
 
@@ -191,117 +221,81 @@ def register_best(client: Any, context: SearchContext, trial_id: str) -> str | N
     location = child.data.tags.get(tracking.CHECKPOINT_TAG) if child is not None else None
     if location is None:
         return None
-    run_id = child.info.run_id
+    search = context.space.search
     with tempfile.TemporaryDirectory() as folder:
         for name in (STATE_FILE, METRICS_FILE):
             (Path(folder) / name).write_bytes(storage.read_bytes(storage.join(location, name)))
-        config = storage.read_text(storage.join(context.trials_dir, trial_id, "config.yaml"))
+        config = storage.read_text(storage.join(context.trial_dir(trial_id), "config.yaml"))
         (Path(folder) / "config.yaml").write_text(config)
         final = json.loads((Path(folder) / METRICS_FILE).read_text())
-        client.log_artifacts(run_id, folder, artifact_path="model")
-    name = f"jdcl-{context.space.name}"
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name, description="jdcl-ray: best model of each search")
-    metric = context.space.search.metric
-    version = client.create_model_version(
-        name,
-        f"runs:/{run_id}/model",
-        run_id=run_id,
-        tags={
-            "config": config,
-            metric: str(final.get(metric)),
-            tracking.CHECKPOINT_TAG: location,
-        },
-        description=f"best trial {trial_id} by {metric} ({context.space.search.mode})",
+        return tracking.register_model(
+            client,
+            child.info.run_id,
+            folder,
+            f"jdcl-{context.space.name}",
+            tags={
+                "config": config,
+                search.metric: str(final.get(search.metric)),
+                tracking.CHECKPOINT_TAG: location,
+            },
+            description=f"best trial {trial_id} by {search.metric} ({search.mode})",
+        )
+
+
+def trainable(context: SearchContext) -> Any:
+    """``run_trial`` for Tune: holding a sliver of the trial-driver resource, not a CPU."""
+    return tune.with_resources(
+        tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: TRIAL_SHARE}
     )
-    return f"models:/{name}/{version.version}"
-
-
-def _search_tracker(context: SearchContext) -> Any:
-    from ray import tune
-
-    class SearchTracker(tune.Callback):
-        """Ends each trial's child run with the status the trial really ended with."""
-
-        def _end(self, trial: Any, status: str) -> None:
-            try:
-                client = tracking.connect(context.tracking_uri)
-                child = tracking.find_child(
-                    client, context.experiment_id, context.parent_run_id, trial.trial_id
-                )
-                if child is not None:
-                    if tracking.CHECKPOINT_TAG not in child.data.tags:  # stopped early
-                        tag_checkpoint(client, child.info.run_id, context, trial.trial_id)
-                    tracking.set_status(client, child.info.run_id, status)
-            except Exception as error:  # tracking must not stop the search
-                logger.warning("MLflow: could not end trial %s's run: %s", trial.trial_id, error)
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            done = (trial.last_result or {}).get("epochs_done", 0)
-            self._end(trial, "FINISHED" if done >= context.space.epochs else "KILLED")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._end(trial, "FAILED")
-
-    return SearchTracker()
 
 
 def build_tuner(context: SearchContext, location: str, name: str, max_concurrent: int) -> Any:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     space = context.space
-    search = space.search
-    if space.scheduler.kind == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="epochs_done",
-            max_t=space.scheduler.max_epochs or space.epochs,
-            grace_period=space.scheduler.grace_period,
-            reduction_factor=space.scheduler.reduction_factor,
-            # Let a trial that reached max_t return by itself, so it logs its artifacts.
-            stop_last_trials=False,
-        )
-    else:
-        scheduler = FIFOScheduler()
+    search_alg, limit = search_algorithm(space.search, max_concurrent)
+    return tune.Tuner(
+        trainable(context),
+        param_space={p.key: tune_distribution(p) for p in space.parameters},
+        tune_config=tune.TuneConfig(
+            metric=space.search.metric,
+            mode=space.search.mode,
+            num_samples=space.search.num_samples,
+            max_concurrent_trials=limit,
+            scheduler=trial_scheduler(space),
+            search_alg=search_alg,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=location,
+            callbacks=[SearchTracker(context)],
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+
+
+def trial_scheduler(space: SearchSpace) -> TrialScheduler:
+    if space.scheduler.kind != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epochs_done",
+        max_t=space.scheduler.max_epochs or space.epochs,
+        grace_period=space.scheduler.grace_period,
+        reduction_factor=space.scheduler.reduction_factor,
+        # Let a trial that reached max_t return by itself, so it logs its artifacts.
+        stop_last_trials=False,
+    )
+
+
+def search_algorithm(
+    search: SearchConfig, max_concurrent: int
+) -> tuple[Searcher | SearchAlgorithm, int | None]:
+    """The searcher, and the ``max_concurrent_trials`` Tune should apply to it."""
     if search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg: Any = OptunaSearch(seed=search.seed)
-        limit: int | None = max_concurrent
-    else:
-        from ray.tune.search import BasicVariantGenerator
-
-        # Tune applies max_concurrent_trials to Searchers only: this generator takes it itself.
-        search_alg = BasicVariantGenerator(random_state=search.seed, max_concurrent=max_concurrent)
-        limit = None
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: TRIAL_SHARE}
-    )
-    return tune.Tuner(
-        trainable,
-        param_space={p.key: tune_distribution(p) for p in space.parameters},
-        tune_config=tune.TuneConfig(
-            metric=search.metric,
-            mode=search.mode,
-            num_samples=search.num_samples,
-            max_concurrent_trials=limit,
-            scheduler=scheduler,
-            search_alg=search_alg,
-        ),
-        run_config=_run_config(context, location, name),
-    )
-
-
-def _run_config(context: SearchContext, location: str, name: str) -> Any:
-    from ray import tune
-
-    return tune.RunConfig(
-        name=name,
-        storage_path=location,
-        callbacks=[_search_tracker(context)],
-        failure_config=tune.FailureConfig(max_failures=0),
-        verbose=1,
-    )
+        return OptunaSearch(seed=search.seed), max_concurrent
+    # Tune applies max_concurrent_trials to Searchers only: this generator takes it itself.
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=max_concurrent), None
 
 
 def latest_search(location: str, name: str) -> str:
@@ -318,129 +312,6 @@ def latest_search(location: str, name: str) -> str:
             f"{name}-<date> holding {SEARCH_FILE}"
         )
     return found[-1]
-
-
-def summarize(results: Any, context: SearchContext, client: Any) -> dict[str, Any] | None:
-    """Print every trial and the best one; log the table and the best trial to the parent run."""
-    from rich.console import Console
-    from rich.table import Table
-
-    space, metric = context.space, context.space.search.metric
-    rows = []
-    for result in results:
-        metrics = result.metrics or {}
-        rows.append(
-            {
-                "trial": metrics.get("trial_id", ""),
-                "name": tracking.trial_run_name(result.config or {}),
-                "status": "ERROR"
-                if result.error
-                else ("DONE" if metrics.get("epochs_done", 0) >= space.epochs else "STOPPED"),
-                "epochs": metrics.get("epochs_done", 0),
-                metric: metrics.get(metric),
-                **{f"train/{k}": metrics.get(f"train/{k}") for k in STATUS_COLUMNS},
-            }
-        )
-    table_csv = io.StringIO()
-    writer = csv.DictWriter(table_csv, fieldnames=list(rows[0]) if rows else ["trial"])
-    writer.writeheader()
-    writer.writerows(rows)
-    search_folder = context.trials_dir.rsplit("/", 1)[0]
-    storage.write_text(storage.join(search_folder, "trials.csv"), table_csv.getvalue())
-    tracked(
-        "the trials table",
-        lambda: client.log_text(context.parent_run_id, table_csv.getvalue(), "trials.csv"),
-    )
-    table = Table(title=f"search {space.name}: {len(rows)} trials ({metric}, {space.search.mode})")
-    for column in rows[0] if rows else ():
-        table.add_column(
-            column, justify="right" if column not in ("name", "status", "trial") else "left"
-        )
-    for row in rows:
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
-    console = Console()
-    if not console.is_terminal:
-        console.width = 160
-    console.print(table)
-    try:
-        best = results.get_best_result(metric, space.search.mode, scope="last")
-    except RuntimeError:
-        best = None
-    if best is None or best.metrics is None:
-        console.print("no trial reported the search metric")
-        return None
-    best_metrics = tracking.scalar_metrics(best.metrics)
-
-    def log_best() -> None:
-        client.log_batch(
-            context.parent_run_id,
-            metrics=[_metric(f"best/{k}", v) for k, v in best_metrics.items()],
-        )
-        for key, value in (best.config or {}).items():
-            client.log_param(context.parent_run_id, f"best.{key}", str(value))
-        client.set_tag(context.parent_run_id, "best_trial", str(best.metrics.get("trial_id")))
-
-    tracked("the best trial's summary", log_best)
-    console.print(f"best trial {best.metrics.get('trial_id')}: {best.config}")
-    shown = [
-        metric,
-        *(f"{split}/{k}" for split in ("train", "test") for k in STATUS_COLUMNS),
-        "knn_acc",
-    ]
-    console.print(", ".join(f"{k} {best_metrics[k]:.3f}" for k in shown if k in best_metrics))
-    agreement = selection_agreement(rows, metric, best_metrics)
-    if agreement:
-        selection = [_metric(f"selection/{k}", v) for k, v in agreement.items()]
-        tracked(
-            "the label check", lambda: client.log_batch(context.parent_run_id, metrics=selection)
-        )
-        spearman = agreement.get("spearman", float("nan"))
-        console.print(
-            f"label check ({LABEL_CHECK}): the pick ranks {agreement['pick_rank']:.0f} of "
-            f"{agreement['trials']:.0f} trials; Spearman({metric}, {LABEL_CHECK}) = {spearman:.2f}"
-        )
-    return best.metrics
-
-
-def selection_agreement(
-    rows: list[dict[str, Any]], metric: str, best: dict[str, float]
-) -> dict[str, float]:
-    """How well the (label-free) search metric picked, judged by the labels when there are any:
-    the pick's rank by train CAA and the rank correlation over all trials."""
-    from scipy.stats import spearmanr
-
-    pairs = [
-        (row[metric], row[LABEL_CHECK])
-        for row in rows
-        if row.get(metric) is not None and row.get(LABEL_CHECK) is not None
-    ]
-    if metric == LABEL_CHECK or len(pairs) < 3 or LABEL_CHECK not in best:
-        return {}
-    scores, caas = np.array(pairs, dtype=float).T
-    agreement = {
-        "pick_rank": float(1 + np.sum(caas > best[LABEL_CHECK])),
-        "trials": float(len(pairs)),
-    }
-    if scores.std() > 0 and caas.std() > 0:  # a rank correlation needs distinct values
-        agreement["spearman"] = float(spearmanr(scores, caas).statistic)
-    return agreement
-
-
-def _metric(key: str, value: float) -> Any:
-    from mlflow.entities import Metric
-
-    return Metric(key, value, int(time.time() * 1000), 0)
-
-
-def where_to_look(context: SearchContext) -> str:
-    uri = context.tracking_uri
-    link = f"#/experiments/{context.experiment_id}/runs?workflowType=machine_learning"
-    if uri.startswith("sqlite:"):
-        return (
-            f"MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
-            f"http://127.0.0.1:5000/{link}"
-        )
-    return f"MLflow: {tracking.redact(uri).rstrip('/')}/{link}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -499,20 +370,44 @@ def open_search(
     return context, folder
 
 
-def end_interrupted(client: Any, context: SearchContext) -> None:
-    """A stopped search: its RUNNING child runs and the parent end as KILLED, not RUNNING."""
-    runs = client.search_runs(
-        [context.experiment_id],
-        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{context.parent_run_id}' and attributes.status = 'RUNNING'",
-    )
-    for run in runs:
-        client.set_terminated(run.info.run_id, status="KILLED")
-    tracking.set_status(client, context.parent_run_id, "KILLED")
+def run_search(tuner: Any, client: Any, context: SearchContext) -> Any | None:
+    """Tune's results, or None when the search stopped before it finished (its runs then end
+    KILLED)."""
+    results = None
+    try:
+        results = tuner.fit()
+    finally:
+        # Ctrl+C / SIGTERM: Tune returns early, with trials not done (or not yet created).
+        unfinished = (
+            results is None
+            or len(results) < context.space.num_trials
+            or results.num_terminated + results.num_errors < len(results)
+        )
+        if unfinished:
+            with contextlib.suppress(Exception):
+                tracking.end_interrupted(client, context.experiment_id, context.parent_run_id)
+    return None if unfinished else results
+
+
+def check_objectives(space: SearchSpace, path: Path) -> None:
+    """Every clustering objective a trial may get is registered: fail before Ray starts."""
+    choices = [
+        {parameter.key: value}
+        for parameter in space.parameters
+        if parameter.key == "loss.clustering"
+        for value in parameter.values
+    ]
+    for params in choices or [{}]:
+        try:
+            objective.loss_terms(space.trial_config(params))
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     space = load_space(args.space)
+    check_objectives(space, args.space)
     uri = args.tracking_uri or tracking.default_tracking_uri()
     client = tracking.connect(uri)
     context, folder = open_search(args, space, client, uri)
@@ -522,52 +417,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     on_cluster = init_ray(args.address, resources={TRIAL_RESOURCE: 1.0})
-    import ray
-    from ray import tune
-
     storage.check_shared(storage.resolve(args.storage), "--storage")
-    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < TRIAL_SHARE:
-        raise UserError(
-            f"the Ray cluster has no {TRIAL_RESOURCE} resource for trial drivers: start its head "
-            f"with ray start --head --resources='{{\"{TRIAL_RESOURCE}\": 1}}' (cluster/gpu.yaml does)"
-        )
-    fits = trials_that_fit(space.trial_config({}), on_cluster)
-    max_concurrent = space.search.max_concurrent_trials or fits
-    if not on_cluster:
-        max_concurrent = min(max_concurrent, fits)
+    max_concurrent = search_concurrency(
+        space.trial_config({}), on_cluster, space.search.max_concurrent_trials
+    )
     # SIGTERM (a scheduler, `kill`) ends the search like Ctrl+C: Tune saves its state.
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     if args.resume:
         tuner = tune.Tuner.restore(
-            folder,
-            trainable=tune.with_resources(
-                tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: TRIAL_SHARE}
-            ),
-            resume_unfinished=True,
-            resume_errored=False,
+            folder, trainable=trainable(context), resume_unfinished=True, resume_errored=False
         )
     else:
         location, name = folder.rsplit("/", 1)
         tuner = build_tuner(context, location, name, max_concurrent)
-    results = None
-    try:
-        results = tuner.fit()
-    finally:
-        # Ctrl+C / SIGTERM: Tune returns early, with trials not done (or not yet created).
-        unfinished = (
-            results is None
-            or len(results) < space.num_trials
-            or results.num_terminated + results.num_errors < len(results)
-        )
-        if unfinished:
-            with contextlib.suppress(Exception):
-                end_interrupted(client, context)
-    if unfinished:
+    results = run_search(tuner, client, context)
+    if results is None:
         raise UserError(
             f"search stopped before it finished: continue it with python -m jdcl_ray.tune "
             f"--space {args.space} --storage {args.storage} --resume"
         )
-    best = summarize(results, context, client)
+    best = summarize(results, space, client, context.parent_run_id, folder)
     if best is not None:
         registered = tracked(
             "the best model", lambda: register_best(client, context, str(best["trial_id"]))
@@ -584,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "the search's end", lambda: tracking.set_status(client, context.parent_run_id, "FINISHED")
     )
     print(f"Tune state: {folder}")
-    print(where_to_look(context))
+    print(tracking.where_to_look(uri, context.experiment_id))
     return 0
 
 

@@ -1,5 +1,8 @@
 """Real services for the tests: an MLflow server and a two-node Ray cluster on this machine,
-each started as its own process group and stopped by PID."""
+each started as its own process group and stopped by PID; the CLIs run as subprocesses.
+
+Helpers a test module calls by name live here (an ordinary module to import); shared fixtures
+live in conftest.py."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import requests
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits_lt.yaml"
 
 
 def cli(module: str, *args: str, **kwargs) -> subprocess.Popen:
@@ -34,6 +38,11 @@ def cli(module: str, *args: str, **kwargs) -> subprocess.Popen:
         start_new_session=True,
         **kwargs,
     )
+
+
+def sets(*items: str) -> list[str]:
+    """``--set`` overrides for a CLI: ``sets("run.epochs=2")`` is ``["--set", "run.epochs=2"]``."""
+    return [arg for item in items for arg in ("--set", item)]
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
+from servers import sets
 
 from jdcl_ray import train, tune
 from jdcl_ray.errors import run_cli
@@ -27,10 +28,6 @@ QUICK_SPACE = ROOT / "tune_spaces" / "quickstart.yaml"
 def stop_ray_afterwards():
     yield
     ray.shutdown()
-
-
-def sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
 
 def write_idx(folder: Path, images: int, labels: int) -> Path:
@@ -56,10 +53,10 @@ def parquet_without_images(path: Path) -> Path:
     return path
 
 
-def space_with(tmp: Path, parameter: dict) -> Path:
+def space_with(tmp: Path, parameter: dict, key: str = "loss.temperature") -> Path:
     values = yaml.safe_load(QUICK_SPACE.read_text())
     values["base"]["config"] = DIGITS
-    values["space"]["loss.temperature"] = parameter
+    values["space"][key] = parameter
     path = tmp / "space.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -181,6 +178,19 @@ CASES = {
         "tune",
         lambda t: ["--space", str(space_with(t, {"loguniform": [0.0, 0.5]}))],
         "loguniform bounds must be > 0",
+    ),
+    "unknown clustering objective": (
+        "train",
+        lambda t: train_args(t, "loss.clustering=kmeans"),
+        "'loss.clustering' = 'kmeans' is not a clustering objective",
+    ),
+    "unknown clustering objective in a space": (
+        "tune",
+        lambda t: [
+            "--space",
+            str(space_with(t, {"choice": ["ddc", "scan"]}, key="loss.clustering")),
+        ],
+        "'loss.clustering' = 'scan' is not a clustering objective",
     ),
     "unreachable tracking server": (
         "tune",

@@ -102,6 +102,7 @@ def two_nodes(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.mark.slow
 def test_a_search_spreads_its_trial_over_two_nodes(two_nodes, tmp_path):
     space = tmp_path / "two_nodes.yaml"
     space.write_text(

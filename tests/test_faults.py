@@ -87,6 +87,7 @@ def train_workers_under(root: int) -> list[int]:
     return [pid for pid, args in command.items() if "ray::RayTrainWorker" in args and descends(pid)]
 
 
+@pytest.mark.slow
 def test_a_killed_train_worker_costs_at_most_one_epoch(tmp_path):
     epochs = 6
     space = write_space(
@@ -112,6 +113,7 @@ def test_a_killed_train_worker_costs_at_most_one_epoch(tmp_path):
     assert epochs <= len(results) <= epochs + 1, len(results)
 
 
+@pytest.mark.slow
 def test_tracking_server_going_away_mid_run_keeps_training_and_says_so(tmp_path):
     epochs = 8
     space = write_space(tmp_path, "serverdown", epochs, {"loss.temperature": {"choice": [0.5]}})

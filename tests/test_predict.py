@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import subprocess
@@ -13,48 +12,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from jdcl_ray import metrics, tracking
-from jdcl_ray.checkpoint import ASSIGNMENTS_FILE, read_assignments, save_checkpoint
+from jdcl_ray.checkpoint import ASSIGNMENTS_FILE, read_assignments
 from jdcl_ray.config import load_config
-from jdcl_ray.data import load_digits, prepare_data
-from jdcl_ray.engine import WorkerContext, fit
+from jdcl_ray.data import load_digits
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.predict import main, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits_lt.yaml"
-EPOCHS = 8  # enough for the OOD score to tell noise from digits
-
-
-def train_tiny(output: Path) -> Path:
-    """digits-LT for a few epochs in this process (no Ray), checkpoints laid out as Train does."""
-    config = load_config(DIGITS, [f"run.epochs={EPOCHS}", "run.checkpoint_every=4"])
-
-    def report(metrics: dict, state: dict | None, assignments: dict | None) -> None:
-        if state is None:
-            return
-        folder = output / "train" / f"checkpoint_{metrics['epoch']:06d}"
-        folder.mkdir(parents=True)
-        save_checkpoint(folder, state, metrics, assignments)
-
-    torch.set_num_threads(2)
-    fit(config, prepare_data(config), WorkerContext(0, 1, torch.device("cpu")), report, log=print)
-    return output / "train" / f"checkpoint_{EPOCHS - 1:06d}"
-
-
-@functools.cache
-def train_once(output: Path) -> Path:
-    return train_tiny(output)
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Path:
-    """The final checkpoint folder of a tiny run (its run folder is two levels up), trained
-    once per session although test_report imports this fixture too."""
-    return train_once(tmp_path_factory.getbasetemp() / "run")
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -149,13 +117,6 @@ def test_memory_stays_flat_with_eight_times_the_images(trained, tmp_path):
             peaks.append(int(run.stdout.split()[-1]) / 1024)  # MiB
     table_growth, folder_growth = peaks[2] - peaks[0], peaks[3] - peaks[1]
     assert table_growth < 20 and folder_growth < 20, peaks
-
-
-@pytest.fixture
-def mlflow_store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.connect(uri)
-    return uri, client, tracking.experiment_id(client, "predict")
 
 
 def test_resolve_model_from_every_kind_of_name(trained, tmp_path, mlflow_store):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-from test_predict import DIGITS, trained  # noqa: F401 (the session fixture)
+from servers import DIGITS
 
 from jdcl_ray import tracking
 from jdcl_ray.config import load_config
@@ -21,15 +21,8 @@ PLOTS = {
 }
 
 
-@pytest.fixture
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.connect(uri)
-    return uri, client, tracking.experiment_id(client, "report")
-
-
-def test_every_plot_is_drawn_and_logged(trained, tmp_path, store):  # noqa: F811
-    uri, client, experiment = store
+def test_every_plot_is_drawn_and_logged(trained, tmp_path, mlflow_store):
+    uri, client, experiment = mlflow_store
     parent = tracking.start_parent(client, experiment, "search", {})
     run_id, _ = tracking.child_run(client, experiment, parent, "t1", "trial", load_config(DIGITS))
     client.set_tag(run_id, tracking.CHECKPOINT_TAG, str(trained))
@@ -44,8 +37,8 @@ def test_every_plot_is_drawn_and_logged(trained, tmp_path, store):  # noqa: F811
     assert logged == {f"report/{name}" for name in PLOTS}
 
 
-def test_a_run_without_a_checkpoint_is_a_user_error(tmp_path, store):
-    uri, client, experiment = store
+def test_a_run_without_a_checkpoint_is_a_user_error(tmp_path, mlflow_store):
+    uri, client, experiment = mlflow_store
     run_id = client.create_run(experiment).info.run_id
     with pytest.raises(UserError, match=f"MLflow run {run_id} has no 'checkpoint' tag"):
         main(["--run", run_id, "--output", str(tmp_path), "--tracking-uri", uri])

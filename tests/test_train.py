@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from servers import cli
+from servers import cli, sets
 
 from jdcl_ray import metrics
 from jdcl_ray.checkpoint import load_state
@@ -35,10 +35,6 @@ def local_ray():
     ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1")
     yield
     ray.shutdown()
-
-
-def sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
 
 def train(output: Path, *overrides: str) -> dict:

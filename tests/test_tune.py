@@ -197,6 +197,7 @@ def load_digits_lt_indices():
 tune_cli = functools.partial(cli, "tune")
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed_mid_search(tmp_path):
     """SIGKILL the driver once one trial has finished and the next one has checkpoints: the
     finished trial is not re-run, the interrupted one continues from its checkpoint."""
