@@ -114,6 +114,15 @@ class LossConfig:
     clustering_weight: float = 1.0
     clustering_warmup_epochs: int = 0
     pooling_momentum: float = 0.1
+    # Parameters of the clustering objectives (objective.py names which reads which).
+    refresh_every: int = 2  # epochs between re-mining neighbours / re-seeding the mixture
+    neighbours: int = 20  # k of the mined nearest neighbours
+    size_prior_weight: float = 2.0  # weight of KL(mean assignment ‖ floored own sizes)
+    size_prior_floor: float = 0.2  # the floor, as a fraction of 1/K
+    ot_penalty: float = 1.0  # KL penalty on the transported cluster sizes
+    ot_epsilon: float = 0.1  # entropic regularisation of the transport
+    ot_initial_mass: float = 0.2  # mass transported at the first clustering epoch, grown to 1
+    mixture_sharpen: float = 1.0  # exponent on the mixture's joint likelihood
 
     def validate(self) -> None:
         check(self.temperature > 0, "loss.temperature", self.temperature, "> 0")
@@ -139,6 +148,24 @@ class LossConfig:
             self.clustering_warmup_epochs,
             ">= 0",
         )
+        check(self.refresh_every >= 1, "loss.refresh_every", self.refresh_every, ">= 1")
+        check(self.neighbours >= 1, "loss.neighbours", self.neighbours, ">= 1")
+        check(self.size_prior_weight >= 0, "loss.size_prior_weight", self.size_prior_weight, ">= 0")
+        check(
+            0 <= self.size_prior_floor <= 1,
+            "loss.size_prior_floor",
+            self.size_prior_floor,
+            "in [0, 1]",
+        )
+        check(self.ot_penalty > 0, "loss.ot_penalty", self.ot_penalty, "> 0 (.inf: equal sizes)")
+        check(self.ot_epsilon > 0, "loss.ot_epsilon", self.ot_epsilon, "> 0")
+        check(
+            0 < self.ot_initial_mass <= 1,
+            "loss.ot_initial_mass",
+            self.ot_initial_mass,
+            "in (0, 1]",
+        )
+        check(self.mixture_sharpen > 0, "loss.mixture_sharpen", self.mixture_sharpen, "> 0")
         check(
             0 < self.pooling_momentum <= 1,
             "loss.pooling_momentum",

@@ -141,7 +141,7 @@ def start_training(
     )
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    state = objective.initial_state(config, model.pooling.mean.shape[1])
+    state = objective.initial_state(config, len(data.train.images), model.pooling.mean.shape[1])
     start_epoch = 0
     if restored is not None:
         model.load_state_dict(restored["model"])
@@ -171,40 +171,72 @@ def start_training(
     )
 
 
-def gather_views(out: JointOutput, local: int) -> objective.GlobalBatch:
-    """This worker's outputs of its (2b) views → both views of the global batch.
+def gather_views(out: JointOutput, indices: Tensor) -> objective.GlobalBatch:
+    """This worker's outputs of its (2b) views of the images ``indices`` (b,) → both views of
+    the global batch.
 
-    One collective per step: z | A | H of both views packed, gathered, unpacked.
+    One collective per step: z | A | H | h of both views and the image index packed, gathered,
+    unpacked (indices are exact in float32 below 2^24 images).
     """
-    packed = torch.cat(
-        [out.projections.float(), out.assignments, out.cluster_hidden.float()], dim=1
-    )
-    packed = gather_with_grad(torch.stack([packed[:local], packed[local:]], dim=1))
-    dim_z = out.projections.shape[1]
-    dim_a = out.assignments.shape[1]
+    local = len(indices)
+    parts = [out.projections.float(), out.assignments, out.cluster_hidden.float()]
+    parts.append(out.features.float())
+    packed = torch.cat(parts, dim=1)
+    rows = torch.cat([packed[:local], packed[local:], indices[:, None].to(packed)], dim=1)
+    gathered = gather_with_grad(rows)
+    widths = [part.shape[1] for part in parts]
+    views = gathered[:, :-1].reshape(len(gathered), 2, -1)
+    z, a, hidden, features = views.split(widths, dim=2)
     return objective.GlobalBatch(
-        projections=packed[..., :dim_z],
-        assignments=packed[..., dim_z : dim_z + dim_a],
-        hidden=packed[..., dim_z + dim_a :],
+        projections=z,
+        assignments=a,
+        hidden=hidden,
+        features=features,
+        indices=gathered[:, -1].detach().round().long(),
     )
 
 
-def train_step(training: Training, views: Tensor, epoch: int) -> Tensor:
-    """One optimiser step on this worker's (2b, C, H, W) views (its b first views, then its b
-    second views); returns the loss terms, detached, on the device."""
+def train_step(training: Training, views: Tensor, indices: Tensor, epoch: int) -> Tensor:
+    """One optimiser step on this worker's (2b, C, H, W) views of the images ``indices`` (b,):
+    its b first views, then its b second views. Returns the loss terms, detached, on the device.
+    """
     model = training.model
     with autocast(training.ctx.device):
         out = training.wrapped(views.contiguous(memory_format=torch.channels_last))
-        batch = gather_views(out, views.shape[0] // 2)
+        batch = gather_views(out, indices)
         losses = objective.joint_objective(
             batch, model.pooling.statistics(), training.objective_state, training.config, epoch
         )
     model.pooling.update(out.assignments, out.features)
+    update = objective.clustering_objective(training.config.loss.clustering).update
+    if update is not None:
+        with torch.no_grad():
+            training.objective_state = update(training.objective_state, batch)
     training.optimizer.zero_grad(set_to_none=True)
     losses["total"].backward()
     training.optimizer.step()
     training.scheduler.step()
     return torch.stack([losses[term].detach().float() for term in training.terms])
+
+
+def refresh_objective(training: Training, epoch: int) -> None:
+    """The objective's refresh from the whole training set. Every rank embeds the set and
+    computes the same refresh (eval mode is deterministic), so no rank waits for another."""
+    model, config = training.model, training.config
+    out = embed(model, training.images, training.ctx.device)
+    refresh = objective.clustering_objective(config.loss.clustering).refresh
+    assert refresh is not None  # refresh_due checked it
+    device = training.ctx.device
+    refreshed = refresh(
+        objective.TrainingSet(out["features"], out["assignments"]),
+        {key: value.cpu() for key, value in training.objective_state.items()},
+        model.pooling.statistics(),
+        config,
+        epoch,
+    )
+    training.objective_state = {key: value.to(device) for key, value in refreshed.state.items()}
+    if refreshed.pooled is not None:
+        model.pooling.load_statistics(refreshed.pooled)
 
 
 def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
@@ -213,6 +245,8 @@ def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
     Raises NonFiniteLossError naming the first step whose terms were not finite.
     """
     config, ctx = training.config, training.ctx
+    if objective.refresh_due(config, epoch):
+        refresh_objective(training, epoch)
     seed, global_batch = config.run.seed, config.optim.batch_size
     local_batch = global_batch // ctx.world_size
     started = time.perf_counter()
@@ -226,10 +260,9 @@ def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
     bad_terms = torch.zeros(len(training.terms), device=ctx.device)
     for step in range(training.steps_per_epoch):
         first = step * global_batch + ctx.rank * local_batch
-        batch = training.images[order[first : first + local_batch]]
-        terms = train_step(
-            training, training.augment.stacked_views(batch, generator=views_rng), epoch
-        )
+        indices = order[first : first + local_batch]
+        views = training.augment.stacked_views(training.images[indices], generator=views_rng)
+        terms = train_step(training, views, indices, epoch)
         sums += terms
         newly_bad = ~torch.isfinite(terms).all() & (first_bad < 0)
         first_bad = torch.where(newly_bad, step, first_bad)

@@ -18,6 +18,9 @@ _DDC_SIGMA_SCALE = 0.15  # σ² = 0.15 · median(D)
 _DDC_MIN_SIGMA2 = 1e-9
 _DCS_MIN_INNER = 1e-9  # floor on each α_iᵀKα_j
 _DCS_MIN_NORM_PRODUCT = 1e-18  # floor on α_iᵀKα_i · α_jᵀKα_j, i.e. 1e-9 after the sqrt
+_EPS = 1e-12  # floor under a probability before its log
+_VAR_FLOOR = 1e-4  # floor under a pooled variance in the mixture's likelihood
+_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _loss_dtype(x: Tensor) -> torch.dtype:
@@ -97,7 +100,7 @@ def _cauchy_schwarz_divergence(columns: Tensor, kernel: Tensor) -> Tensor:
     return ratio.triu(diagonal=1).sum() * (2.0 / (k * (k - 1)))
 
 
-def ddc_loss(assignments: Tensor, hidden: Tensor) -> dict[str, Tensor]:
+def ddc_loss(assignments: Tensor, hidden: Tensor, flipped: bool = False) -> dict[str, Tensor]:
     """Deep divergence-based clustering loss (Kampffmeyer et al., "Deep Divergence-Based
     Approach to Clustering", Neural Networks 2019).
 
@@ -110,6 +113,11 @@ def ddc_loss(assignments: Tensor, hidden: Tensor) -> dict[str, Tensor]:
     detached and floored at 1e-9, as in the DDC authors' code. In d_cs each α_iᵀKα_j is floored
     at 1e-9 and each product α_iᵀKα_i · α_jᵀKα_j at 1e-18 before the square root, so an empty
     cluster contributes 1e-9 / 1e-9 = 1 instead of 0/0.
+
+    ``flipped``: L2 on the assignment *columns*, 2/(K(K−1)) Σ_{k<l} (AᵀA)_kl, the DDC authors'
+    "DDC2Flipped" (used by EAMC), here divided by n (ours) so that its scale does not grow with
+    the batch. Unlike L2 it does not reward equal cluster sizes: for one-hot A it is 0 whatever
+    the sizes, and it still pushes each row towards one cluster.
     """
     if assignments.ndim != 2 or hidden.ndim != 2 or assignments.shape[0] != hidden.shape[0]:
         raise ValueError(
@@ -132,7 +140,10 @@ def ddc_loss(assignments: Tensor, hidden: Tensor) -> dict[str, Tensor]:
         kernel = torch.exp(-distance / (2.0 * sigma2))
 
         l1 = _cauchy_schwarz_divergence(a, kernel)
-        l2 = (a @ a.T).triu(diagonal=1).sum() * (2.0 / (n * (n - 1)))
+        if flipped:
+            l2 = (a.T @ a).triu(diagonal=1).sum() * (2.0 / (k * (k - 1) * n))
+        else:
+            l2 = (a @ a.T).triu(diagonal=1).sum() * (2.0 / (n * (n - 1)))
         # ‖A_a − e_j‖² = ‖A_a‖² − 2 A_aj + 1
         corners = torch.exp(-(a.square().sum(dim=1, keepdim=True) - 2.0 * a + 1.0))
         l3 = _cauchy_schwarz_divergence(corners, kernel)
@@ -158,3 +169,104 @@ def pooled_tau_plus(assignments: Tensor, cluster_proportions: Tensor) -> Tensor:
         )
     prior = assignments.detach() @ cluster_proportions.detach().to(assignments.dtype)
     return prior.clamp(0.0, 0.999)
+
+
+# --- clustering losses that let cluster sizes follow the data (ours to measure, method.md) ----
+
+
+def size_prior_kl(assignments: Tensor, prior: Tensor) -> Tensor:
+    """KL(Ā ‖ π̃) between the batch's mean assignment Ā and a size prior π̃ (K,), summing to 1.
+
+    With a uniform π̃ this is SCAN's entropy term −H(Ā) plus log K. A π̃ that follows the head's
+    own (floored) sizes lets clusters be as unequal as the data, yet keeps each above the floor.
+    """
+    with torch.autocast(assignments.device.type, enabled=False):
+        mean = assignments.to(_loss_dtype(assignments)).mean(0).clamp_min(_EPS)
+        return (mean * (mean.log() - prior.to(mean).clamp_min(_EPS).log())).sum()
+
+
+def floored_prior(proportions: Tensor, floor: float) -> Tensor:
+    """π̃ = max(π, floor / K), renormalised and detached: a size prior no cluster falls below."""
+    k = proportions.shape[0]
+    floored = proportions.detach().clamp_min(floor / k)
+    return floored / floored.sum()
+
+
+def neighbour_consistency(assignments: Tensor, neighbour_assignments: Tensor) -> Tensor:
+    """SCAN's consistency (Van Gansbeke et al., ECCV 2020): −mean_i mean_j log⟨A_i, A_j⟩ over
+    each image's mined neighbours j. assignments: (n, K); neighbour_assignments: (n, k, K), the
+    neighbours' assignments (targets, detached by the caller)."""
+    with torch.autocast(assignments.device.type, enabled=False):
+        a = assignments.to(_loss_dtype(assignments))
+        inner = torch.einsum("nk,njk->nj", a, neighbour_assignments.to(a))
+        return -inner.clamp_min(_EPS).log().mean()
+
+
+@torch.no_grad()
+def relaxed_transport(
+    log_probabilities: Tensor,
+    mass: float,
+    penalty: float,
+    epsilon: float = 0.1,
+    iterations: int = 100,
+) -> Tensor:
+    """Pseudo-labels by partial optimal transport with a KL-relaxed size marginal (P²OT, Zhang
+    et al., ICLR 2024). Returns the plan Q (n, K) over the real clusters.
+
+    min ⟨Q, −log P⟩ − ε H(Q) + penalty · KL(Qᵀ1 ‖ mass/K · 1), each row sending 1/n, of which
+    ``mass`` in total reaches the K clusters and the rest a virtual cluster at cost 0 (the images
+    the model is least sure of). Solved by Sinkhorn–Knopp scaling for unbalanced transport
+    (Chizat et al. 2018) in the log domain; penalty = inf is the balanced plan (equal sizes).
+    """
+    if not 0 < mass <= 1:
+        raise ValueError(f"relaxed_transport: mass must be in (0, 1], got {mass}")
+    with torch.autocast(log_probabilities.device.type, enabled=False):
+        logp = log_probabilities.double()
+        n, k = logp.shape
+        full = mass >= 1.0
+        # Kernel log: −cost/ε; the virtual column (cost 0) only when some mass is left out.
+        log_kernel = logp / epsilon
+        if not full:
+            log_kernel = torch.cat([log_kernel, logp.new_zeros(n, 1)], dim=1)
+        log_a = logp.new_full((n,), -math.log(n))
+        log_b = logp.new_full((k,), math.log(mass / k))
+        if not full:
+            log_b = torch.cat([log_b, logp.new_full((1,), math.log(1.0 - mass))])
+        relax = penalty / (penalty + epsilon) if math.isfinite(penalty) else 1.0
+        exponent = logp.new_ones(log_b.shape)
+        exponent[:k] = relax
+        log_u = logp.new_zeros(n)
+        log_v = logp.new_zeros(log_b.shape)
+        for _ in range(iterations):
+            log_u = log_a - torch.logsumexp(log_kernel + log_v[None], dim=1)
+            log_v = exponent * (log_b - torch.logsumexp(log_kernel + log_u[:, None], dim=0))
+        plan = (log_u[:, None] + log_kernel + log_v[None]).exp()
+        return plan[:, :k].to(log_probabilities.dtype)
+
+
+def weighted_cross_entropy(targets: Tensor, weights: Tensor, assignments: Tensor) -> Tensor:
+    """Σ_i w_i · CE(targets_i, assignments_i) / Σ_i w_i: soft targets (n, K), weights (n,)."""
+    with torch.autocast(assignments.device.type, enabled=False):
+        a = assignments.to(_loss_dtype(assignments))
+        ce = -(targets.to(a) * a.clamp_min(_EPS).log()).sum(1)
+        w = weights.to(a)
+        return (w * ce).sum() / w.sum().clamp_min(_EPS)
+
+
+def mixture_responsibilities(
+    features: Tensor, pooled_mean: Tensor, pooled_var: Tensor, proportions: Tensor, sharpen: float
+) -> Tensor:
+    """r_ik ∝ (π_k · N(h_i; μ_k, diag σ²_k))^sharpen, the statistics pooling block read as a
+    Gaussian mixture (ours). Detached: these are targets. features (n, F); mean, var (K, F)."""
+    with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
+        h = features.double()
+        var = pooled_var.double().clamp_min(_VAR_FLOOR)
+        inv = 1.0 / var
+        mahalanobis = (
+            h.square() @ inv.T
+            - 2.0 * h @ (pooled_mean.double() * inv).T
+            + (pooled_mean.double().square() * inv).sum(1)
+        ).clamp_min(0.0)
+        log_likelihood = -0.5 * (mahalanobis + var.log().sum(1) + h.shape[1] * _LOG_2PI)
+        log_joint = proportions.double().clamp_min(_EPS).log() + log_likelihood
+        return torch.softmax(sharpen * log_joint, dim=1).to(features.dtype)

@@ -173,6 +173,15 @@ class StatisticsPooling(nn.Module):
         return PooledStatistics(self.proportions(), self.mean, self.var, self.num_updates)
 
     @torch.no_grad()
+    def load_statistics(self, pooled: PooledStatistics) -> None:
+        """Replace the running statistics (an objective re-seeding them), keeping their scale:
+        the cardinalities still sum to what one update pools."""
+        total = self.cardinality.sum().clamp_min(1.0)
+        self.cardinality.copy_(pooled.proportions.to(self.cardinality) * total)
+        self.mean.copy_(pooled.mean.to(self.mean))
+        self.var.copy_(pooled.var.to(self.var))
+
+    @torch.no_grad()
     def ood_score(self, features: Tensor) -> Tensor:
         """min_k Σ_d (h_d − μ_kd)² / σ²_kd: the diagonal-Gaussian distance to the nearest cluster."""
         feats = features.float()

@@ -105,7 +105,7 @@ def test_predict_needs_no_training_data(tmp_path, assign):
     assert model.image_side == 24 and model.in_channels == 3
 
 
-def _toy_terms(batch, pooled, state, loss):
+def _toy_terms(batch, pooled, state, config, epoch):
     """A made-up objective whose value depends on its state, to follow the state around."""
     total = (batch.assignments.mean((0, 1)) * state["weights"]).sum()
     return {"total": total, "weighted": total}
@@ -117,7 +117,7 @@ def test_an_objectives_declared_state_is_in_every_checkpoint(tmp_path):
         compute=_toy_terms,
         terms=("weighted",),
         source="tests",
-        initial_state=lambda k, d: {"weights": torch.arange(k, dtype=torch.float32)},
+        initial_state=lambda n, k, d: {"weights": torch.arange(k, dtype=torch.float32)},
     )
     objective.register(toy)
     try:

@@ -11,7 +11,7 @@ import torch
 from jdcl_ray import objective
 from jdcl_ray.config import load_config
 from jdcl_ray.data import prepare_data
-from jdcl_ray.engine import WorkerContext, fit, start_training, train_step
+from jdcl_ray.engine import WorkerContext, fit, gather_views, start_training, train_step
 from jdcl_ray.errors import UserError
 from jdcl_ray.losses import dcl_loss, ddc_loss, pooled_tau_plus
 from jdcl_ray.models import PooledStatistics
@@ -29,6 +29,8 @@ def _batch(seed: int = 0, size: int = 12, clusters: int = 4) -> objective.Global
         projections=torch.randn(size, 2, 8, generator=generator),
         assignments=torch.softmax(logits, dim=-1),
         hidden=torch.randn(size, 2, 5, generator=generator),
+        features=torch.randn(size, 2, 3, generator=generator),
+        indices=torch.arange(size),
     )
 
 
@@ -119,14 +121,10 @@ def test_the_objective_is_pure_and_the_step_updates_the_pooling():
     before = {key: value.clone() for key, value in pooling.state_dict().items()}
     views = torch.rand(2 * 16, *data.train.images.shape[1:])
     out = training.model(views)
-    batch = objective.GlobalBatch(
-        torch.stack([out.projections[:16], out.projections[16:]], 1),
-        torch.stack([out.assignments[:16], out.assignments[16:]], 1),
-        torch.stack([out.cluster_hidden[:16], out.cluster_hidden[16:]], 1),
-    )
+    batch = gather_views(out, torch.arange(16))
     objective.joint_objective(batch, pooling.statistics(), {}, config, 0)
     assert all(torch.equal(before[k], v) for k, v in pooling.state_dict().items())
-    train_step(training, views, 0)
+    train_step(training, views, torch.arange(16), 0)
     assert int(pooling.num_updates) == 1
     assert not torch.equal(before["cardinality"], pooling.cardinality)
 
