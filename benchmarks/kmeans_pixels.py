@@ -14,7 +14,7 @@ from sklearn.cluster import KMeans
 
 from jdcl_ray import metrics
 from jdcl_ray.config import load_config
-from jdcl_ray.engine import prepare_data
+from jdcl_ray.data import prepare_data
 
 
 def main() -> None:

@@ -1,39 +1,79 @@
-"""Over-cluster (k-means, K' >> K) then merge sub-clusters to K without an equal-size bias."""
-import json, sys
-import numpy as np
-from sklearn.cluster import KMeans, AgglomerativeClustering
-import analyze as A
+"""Over-cluster (k-means, K' >> K) then merge the sub-clusters to K without an equal-size bias.
 
-def overcluster_merge(x, K=10, Kp=50, link="average", graph=None, seed=0):
-    x = A.unit(x)
-    km = KMeans(Kp, n_init=3, random_state=seed).fit(x)
-    sub = km.labels_
+.venv/bin/python benchmarks/research/merge.py --features benchmarks/research/out/NAME.npz
+.venv/bin/python benchmarks/research/merge.py --pixels benchmarks/research/fashion_ir10.yaml
+
+Merges by agglomerative clustering of the sub-cluster centres (average, complete linkage), or of
+their kNN-graph affinity (edges / sqrt(size_i size_j); average, single linkage), for K' = 30, 50.
+One JSON line is appended to offline.jsonl beside this script (analyze.py's inputs and scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from analyze import HERE, knn_graph, load_input, score, unit
+from sklearn.cluster import AgglomerativeClustering, KMeans
+
+
+def overcluster_merge(
+    x: np.ndarray,
+    k: int,
+    sub_clusters: int,
+    link: str,
+    graph: np.ndarray | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    x = unit(x)
+    kmeans = KMeans(sub_clusters, n_init=3, random_state=seed).fit(x)
+    sub = kmeans.labels_
     if graph is None:
-        c = A.unit(km.cluster_centers_)
-        agg = AgglomerativeClustering(K, metric="cosine", linkage=link).fit(c)
+        centres = unit(kmeans.cluster_centers_)
+        merged = AgglomerativeClustering(k, metric="cosine", linkage=link).fit(centres)
     else:  # kNN-graph affinity between sub-clusters: edges / sqrt(size_i size_j)
-        n = len(x); E = np.zeros((Kp, Kp))
-        np.add.at(E, (np.repeat(sub, graph.shape[1]), sub[graph.ravel()]), 1)
-        E = E + E.T; s = np.bincount(sub, minlength=Kp).astype(float)
-        S = E / np.sqrt(np.outer(s, s)); np.fill_diagonal(S, 0); S = S / S.max()
-        agg = AgglomerativeClustering(K, metric="precomputed", linkage=link).fit(1 - S)
-    return agg.labels_[sub]
+        edges = np.zeros((sub_clusters, sub_clusters))
+        np.add.at(edges, (np.repeat(sub, graph.shape[1]), sub[graph.ravel()]), 1)
+        edges = edges + edges.T
+        sizes = np.bincount(sub, minlength=sub_clusters).astype(float)
+        affinity = edges / np.sqrt(np.outer(sizes, sizes))
+        np.fill_diagonal(affinity, 0)
+        affinity = affinity / affinity.max()
+        merged = AgglomerativeClustering(k, metric="precomputed", linkage=link).fit(1 - affinity)
+    return merged.labels_[sub]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", type=Path, help="an .npz of --dump-features")
+    source.add_argument("--pixels", type=Path, help="merge this config's LT pixels instead")
+    parser.add_argument("--jsonl", type=Path, default=HERE / "offline.jsonl")
+    args = parser.parse_args()
+    d, name = load_input(args.features, args.pixels)
+    labels = d["labels"]
+    k = int(labels.max()) + 1
+    prefix = "pix" if args.pixels is not None else "h"
+    x = d["h"]
+    graph = knn_graph(x, 20)
+    result: dict[str, Any] = {"file": name}
+    for sub_clusters in (30, 50):
+        for link, on_graph in (
+            ("average", False),
+            ("complete", False),
+            ("average", True),
+            ("single", True),
+        ):
+            key = f"{prefix}_K{sub_clusters}_{'graph_' if on_graph else ''}{link}"
+            clusters = overcluster_merge(x, k, sub_clusters, link, graph if on_graph else None)
+            result[key] = score(labels, clusters)
+            print(key, result[key], flush=True)
+    with args.jsonl.open("a") as jsonl:
+        jsonl.write(json.dumps(result) + "\n")
+
 
 if __name__ == "__main__":
-    d = np.load(sys.argv[1]); y = d["labels"]
-    xs = {"h": d["h"]}
-    if len(sys.argv) > 2 and sys.argv[2] == "pixels":
-        from jdcl_ray.config import load_config; from jdcl_ray.engine import prepare_data
-        ir = int(sys.argv[3]); cfg = load_config("/work/main/configs/fashion_lt.yaml", {"data": {"imbalance_ratio": ir}})
-        data = prepare_data(cfg); xs = {"pix": data.train.images.flatten(1).float().numpy() / 255}; y = np.asarray(data.train.labels)
-    res = {"file": sys.argv[1:]}
-    for nm, x in xs.items():
-        g = A.knn_graph(x, 20)
-        for Kp in (30, 50):
-            for link in ("average", "complete"):
-                res[f"{nm}_K{Kp}_{link}"] = A.score(y, overcluster_merge(x, Kp=Kp, link=link))
-                print(f"{nm}_K{Kp}_{link}", res[f"{nm}_K{Kp}_{link}"], flush=True)
-            for link in ("average", "single"):
-                key = f"{nm}_K{Kp}_graph_{link}"
-                res[key] = A.score(y, overcluster_merge(x, Kp=Kp, link=link, graph=g)); print(key, res[key], flush=True)
-    open("/work/main/benchmarks/research/offline.jsonl", "a").write(json.dumps(res) + "\n")
+    main()

@@ -1,0 +1,103 @@
+"""Benchmark suites, one module each, behind one command line:
+
+``python -m jdcl_ray.bench quality [--quick] [--json FILE] [--markdown FILE] [--base CONFIG]
+[--epochs N] [--max-images N] [--ratios R ...] [--seeds S ...]`` — the clustering-quality study
+(``quality.py``); with ``--variants FILE [--jsonl FILE] [--dump-features DIR]`` its screening
+mode (``screen.py``).
+
+``python -m jdcl_ray.bench throughput [--quick] [--json FILE] [--base CONFIG]`` — images/s of
+augmentation, the training step, Ray Train and the losses (``throughput.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jdcl_ray.errors import UserError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jdcl_ray.bench", description="Benchmark suites of jdcl-ray."
+    )
+    suites = parser.add_subparsers(dest="suite", required=True)
+    study = suites.add_parser("quality", help="the clustering-quality study, or its screening")
+    study.add_argument("--quick", action="store_true", help="a few minutes: every section, tiny")
+    study.add_argument("--json", type=Path, metavar="FILE", help="write the raw result here")
+    study.add_argument(
+        "--markdown", type=Path, metavar="FILE", help="write the tables here (plots beside it)"
+    )
+    study.add_argument(
+        "--base", metavar="CONFIG", help="base config (default configs/fashion_lt.yaml)"
+    )
+    study.add_argument(
+        "--epochs", type=int, metavar="N", help="epochs of every training run (the budget)"
+    )
+    study.add_argument(
+        "--max-images",
+        type=int,
+        metavar="N",
+        help="subsample every LT set to this many images (the budget)",
+    )
+    study.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="imbalance ratios (default 1 10 100, the last one the ablation's; screening: 10 100)",
+    )
+    study.add_argument(
+        "--seeds", type=int, nargs="+", metavar="S", help="seeds (default 0 1 2; screening: 0)"
+    )
+    screen = study.add_argument_group("screening (jdcl_ray/bench/screen.py)")
+    screen.add_argument(
+        "--variants",
+        type=Path,
+        metavar="FILE",
+        help="screen the variants of this YAML file (name → SECTION.KEY overrides) instead",
+    )
+    screen.add_argument(
+        "--jsonl", type=Path, metavar="FILE", help="append one JSON row per screening run here"
+    )
+    screen.add_argument(
+        "--dump-features",
+        type=Path,
+        metavar="DIR",
+        help="write each screening run's features here (NAME_irR_sS.npz)",
+    )
+    speed = suites.add_parser("throughput", help="images/s of augmentation, step, Ray, losses")
+    speed.add_argument("--quick", action="store_true", help="seconds per figure instead of minutes")
+    speed.add_argument("--json", type=Path, metavar="FILE", help="write the JSON object here too")
+    speed.add_argument(
+        "--base", default="configs/fashion_lt.yaml", metavar="CONFIG", help="config of the step"
+    )
+    return parser.parse_args(argv)
+
+
+def _check_mode(args: argparse.Namespace) -> None:
+    """The study's outputs and the screening mode's do not mix."""
+    if args.variants:
+        wrong, why = ("json", "markdown"), "is the study's: screening writes --jsonl"
+    else:
+        wrong, why = ("jsonl", "dump_features"), "needs --variants (the screening mode)"
+    for name in wrong:
+        if getattr(args, name) is not None:
+            raise UserError(f"--{name.replace('_', '-')} {why}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.suite == "throughput":
+        from jdcl_ray.bench import throughput
+
+        return throughput.main(args)
+    from jdcl_ray.bench import quality, screen
+
+    _check_mode(args)
+    study = quality.Study.from_args(args)
+    if args.variants:
+        return screen.main(study, args)
+    command = " ".join(["python -m jdcl_ray.bench", *(argv if argv is not None else sys.argv[1:])])
+    return quality.main(study, args, command)
