@@ -346,10 +346,12 @@ def evaluate(
     """Every metric of the metrics module, on the LT training set and the evaluation split."""
     num_clusters = config.model.num_clusters
     clusters = embedded.clusters
+    sizes = np.bincount(clusters, minlength=num_clusters)
     result: dict[str, Any] = {
         "selection_score": metrics.selection_score(embedded.hidden, clusters),
         "ood_threshold": embedded.ood_threshold,
-        "predicted_sizes": np.bincount(clusters, minlength=num_clusters).tolist(),
+        "predicted_sizes": sizes.tolist(),
+        "empty_clusters": int((sizes == 0).sum()),
     }
     labels = data.train.labels
     if labels is None:
@@ -358,6 +360,19 @@ def evaluate(
         labels, clusters, num_clusters, class_order=data.class_order
     ).items():
         result[f"train/{key}"] = value
+    # The assignment rule against k-means on the same features: what the head adds.
+    if embedded.centers is None:
+        kmeans_clusters, _ = assign(
+            embedded.features,
+            embedded.probabilities,
+            fit_centers(embedded.features, num_clusters, config.run.seed),
+            config.loss.temperature,
+        )
+    else:
+        kmeans_clusters = clusters
+    result["train/kmeans_caa"] = metrics.cluster_metrics(
+        labels, kmeans_clusters, num_clusters, class_order=data.class_order
+    )["caa"]
     sizes = metrics.cluster_size_report(labels, clusters, num_clusters)
     result["true_sizes"] = sizes["true_sizes"]
     result["cluster_size_l1"] = sizes["size_l1"]
@@ -448,6 +463,7 @@ def progress_line(epoch_metrics: dict[str, Any], epochs: int) -> str:
         "loss/dcl",
         "loss/clustering",
         "train/caa",
+        "train/kmeans_caa",
         "train/nmi",
         "test/caa",
         "test/nmi",

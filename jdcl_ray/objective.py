@@ -225,14 +225,62 @@ def mine_neighbours(features: Tensor, k: int, chunk: int = 2048) -> Tensor:
     return torch.cat(rows)
 
 
+def split_farthest(features: Tensor, iterations: int = 10) -> Tensor:
+    """Two-means of ``features`` (m, F) started from their centroid and the member farthest
+    from it, so that a small far group inside a cluster is split off before the bulk is halved
+    (k-means' own split halves the bulk). Returns a (m,) bool mask of the far side."""
+    centres = torch.stack(
+        [features.mean(0), features[(features - features.mean(0)).norm(dim=1).argmax()]]
+    )
+    far = torch.zeros(len(features), dtype=torch.bool)
+    for _ in range(iterations):
+        far = torch.cdist(features, centres).argmin(1) == 1
+        if far.all() or not far.any():
+            break
+        centres = torch.stack([features[~far].mean(0), features[far].mean(0)])
+    return far
+
+
+def split_gain(features: Tensor) -> tuple[float, Tensor]:
+    """The relative drop in squared error when ``split_farthest`` splits these features, and
+    its mask: halving one Gaussian blob gains ~2/(π·F), splitting off a distinct group far more."""
+    if len(features) < 4:
+        return 0.0, torch.zeros(len(features), dtype=torch.bool)
+    far = split_farthest(features)
+    if far.all() or not far.any():
+        return 0.0, far
+    before = (features - features.mean(0)).square().sum()
+    after = sum((part - part.mean(0)).square().sum() for part in (features[far], features[~far]))
+    return float(1.0 - after / before.clamp_min(1e-12)), far
+
+
+def reseed_targets(features: Tensor, targets: Tensor, floor: float) -> Tensor:
+    """Every cluster holding fewer than floor · N / K images (by argmax) takes, as its targets,
+    the far side of the cluster whose split gains most (ours): the head cannot follow an empty
+    cluster back to life, but it follows its targets."""
+    targets = targets.clone()
+    n, k = targets.shape
+    unit = torch.nn.functional.normalize(features.float(), dim=1)
+    for small in range(k):
+        clusters = targets.argmax(1)
+        if int((clusters == small).sum()) >= floor * n / k:
+            continue
+        members = [torch.nonzero(clusters == c).flatten() for c in range(k)]
+        splits = [split_gain(unit[m]) if c != small else (0.0, None) for c, m in enumerate(members)]
+        best = max(range(k), key=lambda c: splits[c][0])
+        moved = members[best][splits[best][1]]
+        targets[moved] = torch.nn.functional.one_hot(torch.tensor(small), k).to(targets)
+    return targets
+
+
 def _neighbours_refresh(
     training_set: TrainingSet, state: State, pooled: PooledStatistics, config: Config, epoch: int
 ) -> Refreshed:
+    """Neighbours re-mined; the bank restarts from the head's assignments, re-seeded."""
+    features = training_set.features
+    bank = reseed_targets(features, training_set.assignments.float(), config.loss.size_prior_floor)
     return Refreshed(
-        {
-            "neighbours": mine_neighbours(training_set.features, config.loss.neighbours),
-            "bank": training_set.assignments.float().clone(),
-        }
+        {"neighbours": mine_neighbours(features, config.loss.neighbours), "bank": bank}
     )
 
 
@@ -373,7 +421,6 @@ for _objective in (
         terms=("consistency", "size_prior"),
         source='Van Gansbeke et al., "SCAN", ECCV 2020; the self-prior on sizes is ours',
         initial_state=_neighbours_state,
-        update=_bank_update,
         refresh=_neighbours_refresh,
     ),
     ClusteringObjective(

@@ -18,9 +18,13 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from jdcl_ray.config import load_config
 from jdcl_ray.distributed import all_reduce_sum, gather_with_grad, is_distributed
 from jdcl_ray.losses import dcl_loss, ddc_loss, pooled_tau_plus
+from jdcl_ray.models import PooledStatistics
+from jdcl_ray.objective import CLUSTERING_OBJECTIVES, GlobalBatch, clustering_objective
 
+ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 BATCH = 8  # global; BATCH // WORLD per worker
 LOCAL = BATCH // WORLD
@@ -43,6 +47,7 @@ def _inputs() -> dict[str, Tensor]:
         "hidden": randn(BATCH, 4),
         "x1": randn(BATCH, 4),
         "x2": randn(BATCH, 4),
+        "index": torch.arange(BATCH, dtype=torch.float64),  # each image's training-set row
     }
 
 
@@ -73,6 +78,45 @@ LOSSES: dict[str, tuple[tuple[str, ...], Callable[..., Tensor]]] = {
         lambda t: ddc_loss(gather_with_grad(t["a1"]), gather_with_grad(t["hidden"]))["total"],
     ),
 }
+
+
+def _objective_state() -> dict[str, dict[str, Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "neighbours": {
+            "neighbours": torch.randint(0, BATCH, (BATCH, 2), generator=gen),
+            "bank": torch.softmax(torch.randn(BATCH, CLUSTERS, generator=gen), 1).double(),
+        },
+        "pooled_mixture": {"initialised": torch.ones((), dtype=torch.bool)},
+    }
+
+
+def _objective_loss(name: str) -> Callable[[dict[str, Tensor]], Tensor]:
+    """A registered clustering objective on the global batch gathered from local tensors."""
+
+    def loss(t: dict[str, Tensor]) -> Tensor:
+        def both(first: str, second: str) -> Tensor:
+            return torch.stack([gather_with_grad(t[first]), gather_with_grad(t[second])], 1)
+
+        batch = GlobalBatch(
+            projections=both("z1", "z2"),
+            assignments=both("a1", "a2"),
+            hidden=both("hidden", "hidden"),
+            features=both("x1", "x2"),
+            indices=gather_with_grad(t["index"]).round().long(),
+        )
+        pooled = PooledStatistics(
+            PROPORTIONS, torch.zeros(CLUSTERS, 4).double(), torch.ones(CLUSTERS, 4).double(), 1
+        )
+        state = _objective_state().get(name, {})
+        return clustering_objective(name).compute(batch, pooled, state, _CONFIG, 1)["total"]
+
+    return loss
+
+
+_CONFIG = load_config(ROOT / "configs" / "digits_lt.yaml", {"model": {"num_clusters": CLUSTERS}})
+for _name in CLUSTERING_OBJECTIVES:
+    LOSSES[f"objective_{_name}"] = (("a1", "a2"), _objective_loss(_name))
 
 
 def _losses_and_input_grads(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, list[Tensor]]]:

@@ -8,7 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jdcl_ray.losses import dcl_loss, ddc_loss, pooled_tau_plus
+from jdcl_ray.losses import (
+    dcl_loss,
+    ddc_loss,
+    floored_prior,
+    mixture_responsibilities,
+    neighbour_consistency,
+    pooled_tau_plus,
+    relaxed_transport,
+    size_prior_kl,
+    weighted_cross_entropy,
+)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -379,3 +389,143 @@ def test_pooled_tau_plus_clamps_below_one() -> None:
 def test_pooled_tau_plus_rejects_mismatched_clusters() -> None:
     with pytest.raises(ValueError, match="share K"):
         pooled_tau_plus(torch.rand(4, 3), torch.rand(2))
+
+
+# ---------------------------------------------------------------- clustering objectives' losses
+
+
+def _softmax_rows(n: int, k: int, seed: int) -> torch.Tensor:
+    return torch.softmax(torch.randn(n, k, generator=_generator(seed), dtype=torch.float64), 1)
+
+
+@pytest.mark.parametrize(("n", "k"), [(6, 3), (12, 5)])
+def test_flipped_ddc_l2_is_the_column_formula_over_n(n, k):
+    a = _softmax_rows(n, k, 3)
+    hidden = torch.randn(n, 4, generator=_generator(4), dtype=torch.float64)
+    expected = sum(
+        sum(float(a[i, p] * a[i, q]) for i in range(n)) for p in range(k) for q in range(p + 1, k)
+    ) * (2.0 / (k * (k - 1) * n))
+    flipped = ddc_loss(a, hidden, flipped=True)
+    plain = ddc_loss(a, hidden)
+    assert float(flipped["l2"]) == pytest.approx(expected, rel=1e-12)
+    assert float(flipped["l1"]) == pytest.approx(float(plain["l1"]), rel=1e-12)
+    assert float(flipped["total"]) == pytest.approx(
+        float(plain["l1"] + flipped["l2"] + plain["l3"]), rel=1e-12
+    )
+
+
+def test_flipped_ddc_l2_does_not_prefer_equal_sizes():
+    """One-hot assignments: plain L2 grows with the size imbalance, the flipped one is 0."""
+    hidden = torch.randn(10, 4, generator=_generator(5), dtype=torch.float64)
+    balanced = F.one_hot(torch.tensor([0] * 5 + [1] * 5), 2).double()
+    skewed = F.one_hot(torch.tensor([0] * 9 + [1]), 2).double()
+    assert float(ddc_loss(skewed, hidden)["l2"]) > float(ddc_loss(balanced, hidden)["l2"])
+    for a in (balanced, skewed):
+        assert float(ddc_loss(a, hidden, flipped=True)["l2"]) == 0.0
+
+
+def test_size_prior_kl_is_the_kl_and_with_a_uniform_prior_scans_entropy():
+    a = _softmax_rows(9, 4, 6)
+    prior = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    mean = [float(a[:, j].mean()) for j in range(4)]
+    expected = sum(m * math.log(m / float(p)) for m, p in zip(mean, prior, strict=True))
+    assert float(size_prior_kl(a, prior)) == pytest.approx(expected, rel=1e-12)
+    entropy = -sum(m * math.log(m) for m in mean)
+    uniform = torch.full((4,), 0.25, dtype=torch.float64)
+    assert float(size_prior_kl(a, uniform)) == pytest.approx(-entropy + math.log(4), rel=1e-12)
+
+
+def test_floored_prior_lifts_small_clusters_to_the_floor():
+    prior = floored_prior(torch.tensor([0.9, 0.1, 0.0, 0.0]), floor=0.2)
+    assert float(prior.sum()) == pytest.approx(1.0)
+    assert float(prior.min()) == pytest.approx(
+        0.05 / float(torch.tensor([0.9, 0.1, 0.05, 0.05]).sum())
+    )
+    assert torch.equal(floored_prior(torch.full((4,), 0.25), 0.2), torch.full((4,), 0.25))
+
+
+def test_neighbour_consistency_is_scans_formula():
+    a = _softmax_rows(5, 3, 7)
+    neighbours = torch.stack([_softmax_rows(2, 3, 8 + i) for i in range(5)])  # (5, 2, 3)
+    expected = (
+        -sum(
+            math.log(sum(float(a[i, c] * neighbours[i, j, c]) for c in range(3)))
+            for i in range(5)
+            for j in range(2)
+        )
+        / 10
+    )
+    assert float(neighbour_consistency(a, neighbours)) == pytest.approx(expected, rel=1e-12)
+
+
+def _unbalanced_sinkhorn_reference(p, mass, penalty, epsilon, iterations):
+    """The same scaling iterations with explicit kernels, plain (not log-domain) float64."""
+    n, k = p.shape
+    kernel = p.double() ** (1.0 / epsilon)
+    b = torch.full((k,), mass / k, dtype=torch.float64)
+    if mass < 1:
+        kernel = torch.cat([kernel, torch.ones(n, 1, dtype=torch.float64)], 1)
+        b = torch.cat([b, torch.tensor([1.0 - mass], dtype=torch.float64)])
+    a = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    power = torch.ones(len(b), dtype=torch.float64)
+    power[:k] = penalty / (penalty + epsilon) if math.isfinite(penalty) else 1.0
+    u, v = torch.ones(n, dtype=torch.float64), torch.ones(len(b), dtype=torch.float64)
+    for _ in range(iterations):
+        u = a / (kernel @ v)
+        v = (b / (kernel.T @ u)) ** power
+    return (u[:, None] * kernel * v[None])[:, :k]
+
+
+@pytest.mark.parametrize(("mass", "penalty"), [(1.0, 1.0), (0.4, 1.0), (0.7, 10.0)])
+def test_relaxed_transport_matches_the_plain_scaling_iterations(mass, penalty):
+    p = _softmax_rows(8, 3, 9)
+    plan = relaxed_transport(p.log(), mass, penalty, epsilon=0.5, iterations=200)
+    reference = _unbalanced_sinkhorn_reference(p, mass, penalty, 0.5, 200)
+    torch.testing.assert_close(plan, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_relaxed_transport_with_an_infinite_penalty_is_the_balanced_sinkhorn_plan():
+    p = _softmax_rows(30, 3, 10) ** 3  # skewed: most mass wants cluster sizes far from equal
+    plan = relaxed_transport((p / p.sum(1, keepdim=True)).log(), 1.0, math.inf, 0.1, 500)
+    torch.testing.assert_close(plan.sum(0), torch.full((3,), 1 / 3, dtype=torch.float64))
+    # Rows converge more slowly at a small epsilon: within 0.5 % after 500 iterations.
+    torch.testing.assert_close(
+        plan.sum(1), torch.full((30,), 1 / 30, dtype=torch.float64), rtol=5e-3, atol=0
+    )
+    relaxed = relaxed_transport((p / p.sum(1, keepdim=True)).log(), 1.0, 0.01, 0.1, 500)
+    assert float((relaxed.sum(0) - 1 / 3).abs().max()) > float((plan.sum(0) - 1 / 3).abs().max())
+
+
+def test_relaxed_transport_sends_the_chosen_mass_to_real_clusters():
+    p = _softmax_rows(40, 4, 11)
+    plan = relaxed_transport(p.log(), 0.3, math.inf, 0.1, 300)
+    assert float(plan.sum()) == pytest.approx(0.3, rel=1e-6)
+
+
+def test_weighted_cross_entropy_is_the_weighted_mean():
+    targets, a = _softmax_rows(4, 3, 12), _softmax_rows(4, 3, 13)
+    weights = torch.tensor([1.0, 0.0, 2.0, 0.5], dtype=torch.float64)
+    ce = [-sum(float(targets[i, c] * math.log(a[i, c])) for c in range(3)) for i in range(4)]
+    expected = sum(w * c for w, c in zip(weights.tolist(), ce, strict=True)) / 3.5
+    assert float(weighted_cross_entropy(targets, weights, a)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_mixture_responsibilities_are_bayes_rule_on_diagonal_gaussians():
+    gen = _generator(14)
+    h = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    mean = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    var = torch.rand(2, 3, generator=gen, dtype=torch.float64) + 0.5
+    pi = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    for sharpen in (1.0, 2.0):
+        r = mixture_responsibilities(h, mean, var, pi, sharpen)
+        for i in range(5):
+            joint = []
+            for k in range(2):
+                density = math.prod(
+                    math.exp(-((h[i, d] - mean[k, d]) ** 2) / (2 * var[k, d]))
+                    / math.sqrt(2 * math.pi * var[k, d])
+                    for d in range(3)
+                )
+                joint.append((float(pi[k]) * float(density)) ** sharpen)
+            for k in range(2):
+                assert float(r[i, k]) == pytest.approx(joint[k] / sum(joint), rel=1e-9)

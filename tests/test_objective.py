@@ -180,3 +180,111 @@ def test_a_short_digits_run_gives_the_pinned_losses_and_metrics():
     for got, pinned in zip(epochs, PINNED, strict=True):
         # Float32 training on another CPU may round differently; the first epochs agree closely.
         assert {k: got[k] for k in pinned} == pytest.approx(pinned, rel=2e-3, abs=2e-3)
+
+
+# --- the objectives' state hooks --------------------------------------------------------------
+
+
+def _bulk_and_far_group(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    bulk = torch.randn(200, 4, generator=generator)
+    far = torch.randn(12, 4, generator=generator) * 0.3 + torch.tensor([8.0, 0, 0, 0])
+    return torch.cat([bulk, far])
+
+
+def test_split_farthest_splits_off_a_small_far_group_not_half_the_bulk():
+    far = objective.split_farthest(_bulk_and_far_group())
+    assert far[200:].all() and not far[:200].any()
+
+
+def test_reseed_targets_gives_an_empty_cluster_the_far_group():
+    features = _bulk_and_far_group() + torch.tensor([0.0, 0, 0, 20])  # keep cosine geometry apart
+    targets = torch.tensor([[0.9, 0.1]]).repeat(len(features), 1)  # cluster 1 is empty
+    reseeded = objective.reseed_targets(features, targets, floor=0.1)
+    assert reseeded.argmax(1).tolist() == [0] * 200 + [1] * 12
+    assert torch.equal(targets, torch.tensor([[0.9, 0.1]]).repeat(len(features), 1))  # untouched
+    full = objective.reseed_targets(features, reseeded, floor=0.1)
+    assert torch.equal(full, reseeded)  # no cluster under the floor: nothing moves
+
+
+def test_mined_neighbours_are_the_most_similar_other_rows():
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+    neighbours = objective.mine_neighbours(features, k=1, chunk=2)
+    assert neighbours.flatten().tolist() == [1, 0, 3, 2, 1] or neighbours[4].item() in (1, 3)
+    assert neighbours[:4].flatten().tolist() == [1, 0, 3, 2]
+
+
+def test_reseed_small_splits_the_widest_heavy_cluster_into_the_small_one():
+    pooled = PooledStatistics(
+        torch.tensor([0.7, 0.29, 0.01]),
+        torch.zeros(3, 2),
+        torch.tensor([[4.0, 1.0], [1.0, 1.0], [1.0, 1.0]]),
+        torch.tensor(3),
+    )
+    reseeded = objective.reseed_small(pooled, floor=0.2)
+    assert reseeded.proportions.tolist() == pytest.approx([0.35, 0.29, 0.35])
+    assert reseeded.mean[2].tolist() == [2.0, 0.0] and reseeded.mean[0].tolist() == [-2.0, 0.0]
+    assert torch.equal(pooled.mean, torch.zeros(3, 2))  # input untouched
+
+
+def test_the_mixture_starts_from_kmeans_on_the_features():
+    config = _config(clustering="pooled_mixture")
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    sizes = [160, 120, 90, 70]
+    features = torch.cat(
+        [c + torch.randn(n, 2, generator=generator) for c, n in zip(centres, sizes, strict=True)]
+    )
+    mixture = objective.clustering_objective("pooled_mixture")
+    state = mixture.initial_state(len(features), 4, 2)
+    first = mixture.refresh(
+        objective.TrainingSet(features, torch.full((len(features), 4), 0.25)),
+        state,
+        _pooled(),
+        config,
+        0,
+    )
+    assert bool(first.state["initialised"]) and first.pooled is not None
+    found = sorted(first.pooled.proportions.tolist())
+    assert found == pytest.approx(sorted(n / 440 for n in sizes), abs=0.01)
+    nearest = torch.cdist(centres, first.pooled.mean).argmin(1)
+    assert sorted(nearest.tolist()) == [0, 1, 2, 3]  # one fitted cluster per blob
+    # Later refreshes keep the state and only re-seed (none of these is under the floor).
+    later = mixture.refresh(
+        objective.TrainingSet(features, torch.full((len(features), 4), 0.25)),
+        first.state,
+        first.pooled,
+        config,
+        2,
+    )
+    assert torch.equal(later.pooled.mean, first.pooled.mean)
+
+
+def test_transported_mass_grows_from_the_initial_mass_to_one():
+    config = _config(clustering="relaxed_ot", ot_initial_mass=0.2, clustering_warmup_epochs=2)
+    last = config.run.epochs - 1
+    assert objective.transported_mass(config, 0) == pytest.approx(0.2)
+    assert objective.transported_mass(config, 2) == pytest.approx(0.2)
+    assert objective.transported_mass(config, last) == pytest.approx(1.0)
+    assert 0.2 < objective.transported_mass(config, (2 + last) // 2) < 1.0
+
+
+def test_refresh_is_due_every_refresh_every_epochs_after_the_warm_up():
+    config = _config(clustering="neighbours", clustering_warmup_epochs=2, refresh_every=3)
+    assert [e for e in range(10) if objective.refresh_due(config, e)] == [2, 5, 8]
+    assert not any(objective.refresh_due(_config(), e) for e in range(10))  # ddc keeps no state
+
+
+@pytest.mark.parametrize("name", ["neighbours", "pooled_mixture"])
+def test_stateful_objectives_train_and_their_state_is_checkpointed(name):
+    config = load_config(
+        DIGITS,
+        {"run": {"epochs": 2}, "loss": {"clustering": name, "clustering_warmup_epochs": 0}},
+    )
+    states: list[dict] = []
+    fit(config, prepare_data(config), CPU, lambda m, s, a: states.append(s), log=lambda _: None)
+    saved = states[-1]["objective_state"]
+    expected = set(objective.clustering_objective(name).initial_state(1, 10, 1))
+    assert set(saved) == expected
+    if name == "neighbours":
+        assert saved["neighbours"].shape[1] == config.loss.neighbours
