@@ -152,7 +152,6 @@ class TrainedModel:
     image_side: int  # inputs are resized to image_side x image_side
     ood_threshold: float
     centers: np.ndarray | None  # k-means centres when the run assigned with k-means
-    objective_state: dict[str, torch.Tensor]
     lt_indices: np.ndarray
     folder: str
 
@@ -179,7 +178,6 @@ def load_model(checkpoint: str) -> TrainedModel:
         image_side=int(state["image_side"]),
         ood_threshold=float(state["ood_threshold"]),
         centers=None if centers is None else centers.numpy(),
-        objective_state=dict(state.get("objective_state", {})),
         lt_indices=state["lt_indices"].numpy(),
         folder=folder,
     )
