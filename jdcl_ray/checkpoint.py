@@ -10,7 +10,7 @@ A run folder (``--output``, or one trial's folder)::
                            (and assignments.parquet in the final one)
 
 ``state.pt`` is self-contained: the model, optimiser, schedule (with the statistics pooling in
-the model's buffers), RNG, epoch, resolved config, LT draw, the input size, the OOD threshold and
+the model's buffers), RNG, epoch, resolved config, LT draw, the input size, the fitted OOD score and its threshold,
 the assignment rule's parameters (the k-means centres when ``eval.assign: kmeans``), and the
 state the clustering objective declares. A model therefore loads and applies without its
 training data. It loads with ``weights_only=True``: a checkpoint cannot run code.
@@ -42,7 +42,7 @@ CONFIG_FILE = "config.yaml"
 LT_INDICES_FILE = "lt_indices.npy"
 TRAIN_DIR = "train"  # Ray Train's run folder inside a run folder
 # What a model needs to be applied, beyond its weights (older checkpoints lack them).
-APPLY_KEYS = ("config", "in_channels", "image_side", "ood_threshold", "centers")
+APPLY_KEYS = ("config", "in_channels", "image_side", "ood", "ood_threshold", "centers")
 
 
 # --- the run folder ---------------------------------------------------------------------------
@@ -150,7 +150,8 @@ class TrainedModel:
     config: Config
     in_channels: int
     image_side: int  # inputs are resized to image_side x image_side
-    ood_threshold: float
+    ood_params: dict[str, torch.Tensor]  # the OOD score fitted on the training features
+    ood_threshold: float  # a score above it flags an image as OOD
     centers: np.ndarray | None  # k-means centres when the run assigned with k-means
     lt_indices: np.ndarray
     folder: str
@@ -176,6 +177,7 @@ def load_model(checkpoint: str) -> TrainedModel:
         config=config,
         in_channels=int(state["in_channels"]),
         image_side=int(state["image_side"]),
+        ood_params=dict(state["ood"]),
         ood_threshold=float(state["ood_threshold"]),
         centers=None if centers is None else centers.numpy(),
         lt_indices=state["lt_indices"].numpy(),

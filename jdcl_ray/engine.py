@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from jdcl_ray import metrics, objective
+from jdcl_ray import metrics, objective, ood
 from jdcl_ray.assign import OOD_QUANTILE, assign, fit_centers
 from jdcl_ray.augment import BatchAugment, to_float
 from jdcl_ray.config import Config
@@ -68,19 +68,17 @@ def build_scheduler(
 def embed(
     model: JointModel, images: Tensor, device: torch.device, batch_size: int = 1024
 ) -> dict[str, Tensor]:
-    """Features, assignments, clustering hidden layer and OOD score of un-augmented images."""
+    """Features, assignments and clustering hidden layer of un-augmented images."""
     model.eval()
-    parts: dict[str, list[Tensor]] = {"features": [], "assignments": [], "hidden": [], "ood": []}
+    parts: dict[str, list[Tensor]] = {"features": [], "assignments": [], "hidden": []}
     for start in range(0, len(images), batch_size):
         batch = to_float(images[start : start + batch_size].to(device, non_blocking=True))
         batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device):
             out = model(batch)
-        features = out.features.float()
-        parts["features"].append(features.cpu())
+        parts["features"].append(out.features.float().cpu())
         parts["assignments"].append(out.assignments.cpu())
         parts["hidden"].append(out.cluster_hidden.float().cpu())
-        parts["ood"].append(model.pooling.ood_score(features).cpu())
     model.train()
     return {key: torch.cat(value) for key, value in parts.items()}
 
@@ -299,6 +297,7 @@ class Embedded:
     ood: np.ndarray
     hidden: np.ndarray
     centers: np.ndarray | None  # k-means centres when eval.assign is kmeans
+    ood_params: dict[str, Tensor]  # the OOD score fitted on these features (ood.OOD_SCORE)
     ood_threshold: float
 
 
@@ -313,15 +312,17 @@ def embed_training_set(
     clusters, probabilities = assign(
         features, out["assignments"].numpy(), centers, config.loss.temperature
     )
-    ood = out["ood"].numpy()
+    ood_params = ood.fit(ood.OOD_SCORE, out["features"], torch.from_numpy(clusters))
+    scores = ood.score(ood.OOD_SCORE, ood_params, out["features"], training=True).numpy()
     return Embedded(
         features=features,
         clusters=clusters,
         probabilities=probabilities,
-        ood=ood,
+        ood=scores,
         hidden=out["hidden"].numpy(),
         centers=centers,
-        ood_threshold=float(np.quantile(ood, OOD_QUANTILE)),
+        ood_params=ood_params,
+        ood_threshold=float(np.quantile(scores, OOD_QUANTILE)),
     )
 
 
@@ -413,6 +414,7 @@ def checkpoint_state(
         "in_channels": int(data.train.images.shape[1]),
         "image_side": int(data.train.images.shape[-1]),
         "ood_threshold": embedded.ood_threshold,
+        "ood": embedded.ood_params,
         "centers": None if embedded.centers is None else torch.from_numpy(embedded.centers),
         "objective_state": {k: v.detach().cpu() for k, v in training.objective_state.items()},
     }

@@ -116,7 +116,7 @@ class StatisticsPooling(nn.Module):
 
     Pooled over the global batch (``reduce`` sums across workers), kept as an exponential
     moving average across steps, and stored as buffers so checkpoints carry it. It feeds the
-    pooled debiasing prior, the OOD score and the cluster-size report.
+    pooled debiasing prior, the clustering objectives that read it and the cluster-size report.
     """
 
     def __init__(
@@ -125,12 +125,10 @@ class StatisticsPooling(nn.Module):
         num_features: int,
         momentum: float = 0.1,
         reduce: Callable[[Tensor], Tensor] = all_reduce_sum,
-        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.momentum = momentum
         self.reduce = reduce
-        self.eps = eps
         self.register_buffer("cardinality", torch.zeros(num_clusters))
         self.register_buffer("mean", torch.zeros(num_clusters, num_features))
         self.register_buffer("var", torch.ones(num_clusters, num_features))
@@ -180,19 +178,6 @@ class StatisticsPooling(nn.Module):
         self.cardinality.copy_(pooled.proportions.to(self.cardinality) * total)
         self.mean.copy_(pooled.mean.to(self.mean))
         self.var.copy_(pooled.var.to(self.var))
-
-    @torch.no_grad()
-    def ood_score(self, features: Tensor) -> Tensor:
-        """min_k Σ_d (h_d − μ_kd)² / σ²_kd: the diagonal-Gaussian distance to the nearest cluster."""
-        feats = features.float()
-        inv_var = 1.0 / (self.var + self.eps)
-        # Σ_d (h−μ)²/σ² expanded as h²·w − 2 h·(μ w) + μ²·w, one matrix product per term.
-        distance = (
-            feats.square() @ inv_var.T
-            - 2.0 * feats @ (self.mean * inv_var).T
-            + (self.mean.square() * inv_var).sum(1)
-        )
-        return distance.clamp_min(0.0).min(dim=1).values
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):

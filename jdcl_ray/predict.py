@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jdcl_ray import storage, tracking
+from jdcl_ray import ood, storage, tracking
 from jdcl_ray.assign import assign
 from jdcl_ray.checkpoint import TrainedModel, find_checkpoint, load_model
 from jdcl_ray.data import IMAGE_EXTENSIONS, decode_images, parquet_image_bytes
@@ -120,12 +120,12 @@ class Predictor:
         clusters, probabilities = assign(
             features, out["assignments"].numpy(), trained.centers, trained.config.loss.temperature
         )
-        ood = out["ood"].numpy()
+        ood_scores = ood.score(ood.OOD_SCORE, trained.ood_params, out["features"]).numpy()
         columns = {
             "cluster": clusters.astype(np.int64),
             "confidence": probabilities[np.arange(len(clusters)), clusters].astype(np.float32),
-            "ood_score": ood.astype(np.float32),
-            "ood": ood > trained.ood_threshold,
+            "ood_score": ood_scores.astype(np.float32),
+            "ood": ood_scores > trained.ood_threshold,
         }
         if self.embeddings:
             columns["embedding"] = features.astype(np.float32)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from jdcl_ray import metrics
+from jdcl_ray import metrics, ood
 from jdcl_ray.bench.common import (
     machine,
     markdown_table,
@@ -38,7 +38,8 @@ from jdcl_ray.bench.common import (
 )
 from jdcl_ray.config import Config, load_config, merge
 from jdcl_ray.data import RunData, prepare_data
-from jdcl_ray.engine import embed
+from jdcl_ray.engine import embed, embed_training_set
+from jdcl_ray.ood import OOD_SCORE
 
 # Method → config overrides on top of the base config ("ours": the pooled prior).
 METHODS: dict[str, dict[str, Any] | None] = {
@@ -196,7 +197,8 @@ def ood_run(study: Study, seed: int) -> dict[str, Any]:
     last, state = train_once(config, reduced)
     model = trained_model(config, state)
     device = torch.device("cpu")
-    scores_in = embed(model, reduced.eval.images, device)["ood"].numpy()
+    fitted = embed_training_set(model, reduced, config, device).ood_params
+    scores_in = ood.score(OOD_SCORE, fitted, embed(model, reduced.eval.images, device)["features"])
     ood_out = embed(model, ood_images.images, device)
     features = torch.nn.functional.normalize(ood_out["features"], dim=1).numpy()
     pixels = ood_images.images.flatten(1).float().numpy() / 255.0
@@ -208,7 +210,9 @@ def ood_run(study: Study, seed: int) -> dict[str, Any]:
         "held_out_classes": held,
         "in_distribution_images": len(scores_in),
         "ood_images": len(ood_labels),
-        "auroc": metrics.ood_auroc(scores_in, ood_out["ood"].numpy()),
+        "auroc": metrics.ood_auroc(
+            scores_in.numpy(), ood.score(OOD_SCORE, fitted, ood_out["features"]).numpy()
+        ),
         "train_caa": last.get("train/caa"),
         "ood_clusters_features": _two(metrics.cluster_metrics(ood_labels, on_features, len(held))),
         "ood_clusters_pixels": _two(metrics.cluster_metrics(ood_labels, on_pixels, len(held))),
