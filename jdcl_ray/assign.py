@@ -8,8 +8,6 @@ from __future__ import annotations
 import numpy as np
 from sklearn.cluster import KMeans
 
-OOD_QUANTILE = 0.95  # an image is flagged OOD above this quantile of the training scores
-
 
 def fit_centers(features: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
     """k-means centres of L2-normalised training features, (K, D) float32."""

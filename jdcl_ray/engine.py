@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from jdcl_ray import metrics, objective, ood
-from jdcl_ray.assign import OOD_QUANTILE, assign, fit_centers
+from jdcl_ray.assign import assign, fit_centers
 from jdcl_ray.augment import BatchAugment, to_float
 from jdcl_ray.config import Config
 from jdcl_ray.data import RunData
@@ -322,7 +322,7 @@ def embed_training_set(
         hidden=out["hidden"].numpy(),
         centers=centers,
         ood_params=ood_params,
-        ood_threshold=float(np.quantile(scores, OOD_QUANTILE)),
+        ood_threshold=float(np.quantile(scores, ood.OOD_QUANTILE)),
     )
 
 

@@ -41,6 +41,7 @@ OOD_SCORES = ("min_distance", "mixture_nll", "shared_mahalanobis", "knn_distance
 # The score the model ships: the best on both held-out tests, and the most stable over seeds
 # (benchmarks/research/ood_scores.jsonl; README "Out-of-distribution images").
 OOD_SCORE = "shared_mahalanobis"
+OOD_QUANTILE = 0.95  # an image is flagged OOD above this quantile of the training scores
 VAR_EPS = 1e-5  # added to σ², as StatisticsPooling.eps
 MAX_BANK = 10_000  # training features kept for knn_distance (the checkpoint's size)
 KNN_K_FULL = 50  # Sun et al.'s k for CIFAR-10's 50,000 training images
