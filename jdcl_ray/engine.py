@@ -206,10 +206,6 @@ def train_step(training: Training, views: Tensor, indices: Tensor, epoch: int) -
             batch, model.pooling.statistics(), training.objective_state, training.config, epoch
         )
     model.pooling.update(out.assignments, out.features)
-    update = objective.clustering_objective(training.config.loss.clustering).update
-    if update is not None:
-        with torch.no_grad():
-            training.objective_state = update(training.objective_state, batch)
     training.optimizer.zero_grad(set_to_none=True)
     losses["total"].backward()
     training.optimizer.step()

@@ -4,9 +4,9 @@ The representation term is DCL with a fixed class prior, or the pooled per-ancho
 The clustering term is one of the clustering objectives registered here, chosen by
 ``loss.clustering``: this is the one place a new one is added (see ``register``). Every term is a
 pure function of the gathered global batch and of the pooled statistics it may read. What an
-objective keeps between steps is its declared state, changed only by its ``update`` (after each
-step) and ``refresh`` (every ``loss.refresh_every`` epochs, from the whole training set) hooks,
-which the training step calls; updating the statistics pooling block is the step's job too.
+objective keeps between steps is its declared state, changed only by its ``refresh`` hook
+(every ``loss.refresh_every`` epochs, from the whole training set), which the training loop
+calls; updating the statistics pooling block is the training step's job.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class ClusteringObjective:
 
     ``compute(batch, pooled, state, config, epoch)`` returns the terms and "total".
     ``initial_state(num_images, num_clusters, feature_dim)`` declares the tensors it keeps (the
-    engine holds them and every checkpoint carries them); ``update(state, batch)`` and
-    ``refresh(training_set, state, pooled, config, epoch)`` return the next state.
+    engine holds them and every checkpoint carries them);
+    ``refresh(training_set, state, pooled, config, epoch)`` returns the next state.
     """
 
     name: str
@@ -87,7 +87,6 @@ class ClusteringObjective:
     terms: tuple[str, ...]
     source: str  # the paper it follows, or "ours"
     initial_state: Callable[[int, int, int], State] = field(default=_no_state)
-    update: Callable[[State, GlobalBatch], State] | None = None
     refresh: Callable[[TrainingSet, State, PooledStatistics, Config, int], Refreshed] | None = None
 
 
@@ -204,12 +203,6 @@ def _neighbours(
     size_prior = _size_prior(batch, pooled, config)
     total = consistency + config.loss.size_prior_weight * size_prior
     return {"consistency": consistency, "size_prior": size_prior, "total": total}
-
-
-def _bank_update(state: State, batch: GlobalBatch) -> State:
-    bank = state["bank"].clone()
-    bank[batch.indices] = batch.assignments.detach().mean(1).to(bank)
-    return {**state, "bank": bank}
 
 
 def mine_neighbours(features: Tensor, k: int, chunk: int = 2048) -> Tensor:

@@ -5,8 +5,7 @@
 Ten Gaussian blobs in 16 dimensions with sizes 1000 … 10 (exponential profile, IR 100), centres
 on a sphere of radius 6. A clustering head (Linear 16→32, ReLU, BN, Linear 32→10) trains on two
 noisy views of batches of 256 for 300 steps with only the objective (no DCL), with the engine's
-hooks: refresh every 50 steps ("epochs"), update after each step, the statistics pooling block
-updated from the head. Prints per blob: its majority cluster, recall, purity; and the sizes.
+refresh hook every 50 steps ("epochs"), the statistics pooling block updated from the head. Prints per blob: its majority cluster, recall, purity; and the sizes.
 """
 
 from __future__ import annotations
@@ -86,9 +85,6 @@ def train(name: str, seed: int) -> dict:
         optimizer.zero_grad()
         terms["total"].backward()
         optimizer.step()
-        if chosen.update is not None:
-            with torch.no_grad():
-                state = chosen.update(state, batch)
     with torch.no_grad():
         hidden.eval()
         clusters = logits(hidden(x)).argmax(1)
