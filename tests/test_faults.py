@@ -151,7 +151,10 @@ def test_a_diverging_trial_errors_with_its_step_and_the_search_goes_on(tmp_path)
     assert statuses == [(0.002, "FINISHED"), (1e30, "FAILED")]
     errors = list(storage.glob("diverge-*/*/error.txt"))
     assert len(errors) == 1
-    assert "non-finite loss at step" in errors[0].read_text() and "clustering=" in errors[0].read_text()
+    assert (
+        "non-finite loss at step" in errors[0].read_text()
+        and "clustering=" in errors[0].read_text()
+    )
 
 
 class Payload:
