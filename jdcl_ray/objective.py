@@ -357,12 +357,14 @@ def kmeans_plus_plus(features: Tensor, num_clusters: int, seed: int) -> Tensor:
     return torch.from_numpy(kmeans.fit_predict(features.double().numpy())).long()
 
 
-def reseed_small(pooled: PooledStatistics, floor: float) -> PooledStatistics:
-    """Every cluster whose π_k fell below floor / K takes half of the cluster with the largest
-    mass × variance, split along that cluster's widest feature at ± one standard deviation."""
+def reseed_small(pooled: PooledStatistics, shares: Tensor, floor: float) -> PooledStatistics:
+    """Every cluster holding under floor / K of the images (``shares``: by the head's argmax;
+    the soft π of an argmax-empty cluster can stay above the floor) takes half of the cluster
+    with the largest mass × variance, split along its widest feature at ± one standard
+    deviation."""
     proportions, mean, var = pooled.proportions.clone(), pooled.mean.clone(), pooled.var.clone()
     k = len(proportions)
-    for small in torch.nonzero(proportions < floor / k).flatten().tolist():
+    for small in torch.nonzero(shares < floor / k).flatten().tolist():
         spread = proportions * var.sum(1)
         spread[small] = -1.0
         big = int(spread.argmax())
@@ -392,7 +394,13 @@ def _mixture_refresh(
             (counts / counts.sum()).float(), mean.float(), var.float(), pooled.num_updates
         )
         return Refreshed({"initialised": torch.ones((), dtype=torch.bool)}, fitted)
-    return Refreshed(state, reseed_small(pooled, config.loss.size_prior_floor))
+    assignments = training_set.assignments
+    shares = torch.bincount(assignments.argmax(1), minlength=assignments.shape[1]) / len(
+        assignments
+    )
+    return Refreshed(
+        state, reseed_small(pooled, shares.to(pooled.proportions), config.loss.size_prior_floor)
+    )
 
 
 for _objective in (

@@ -221,7 +221,7 @@ def test_reseed_small_splits_the_widest_heavy_cluster_into_the_small_one():
         torch.tensor([[4.0, 1.0], [1.0, 1.0], [1.0, 1.0]]),
         torch.tensor(3),
     )
-    reseeded = objective.reseed_small(pooled, floor=0.2)
+    reseeded = objective.reseed_small(pooled, pooled.proportions, floor=0.2)
     assert reseeded.proportions.tolist() == pytest.approx([0.35, 0.29, 0.35])
     assert reseeded.mean[2].tolist() == [2.0, 0.0] and reseeded.mean[0].tolist() == [-2.0, 0.0]
     assert torch.equal(pooled.mean, torch.zeros(3, 2))  # input untouched
@@ -250,8 +250,9 @@ def test_the_mixture_starts_from_kmeans_on_the_features():
     nearest = torch.cdist(centres, first.pooled.mean).argmin(1)
     assert sorted(nearest.tolist()) == [0, 1, 2, 3]  # one fitted cluster per blob
     # Later refreshes keep the state and only re-seed (none of these is under the floor).
+    head = torch.nn.functional.one_hot(torch.cdist(features, first.pooled.mean).argmin(1), 4)
     later = mixture.refresh(
-        objective.TrainingSet(features, torch.full((len(features), 4), 0.25)),
+        objective.TrainingSet(features, head.float()),
         first.state,
         first.pooled,
         config,
