@@ -142,6 +142,13 @@ def read_assignments(path: str | Path | io.BytesIO) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
+def model_from_state(state: dict[str, Any]) -> JointModel:
+    """The model of a training state (``load_state``'s, or the one ``engine.fit`` reports)."""
+    model = build_model(from_dict(state["config"]), int(state["in_channels"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
 @dataclass
 class TrainedModel:
     """A checkpoint's model with what applying it needs: no training data involved."""
@@ -168,8 +175,7 @@ def load_model(checkpoint: str) -> TrainedModel:
             "older jdcl-ray; retrain, or continue the run with --resume to save a new checkpoint"
         )
     config = from_dict(state["config"])
-    model = build_model(config, int(state["in_channels"]))
-    model.load_state_dict(state["model"])
+    model = model_from_state(state)
     model.eval()
     centers = state["centers"]
     return TrainedModel(

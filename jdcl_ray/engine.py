@@ -126,6 +126,7 @@ class Training:
     start_epoch: int = 0
     objective_state: dict[str, Tensor] = field(default_factory=dict)
     terms: tuple[str, ...] = ()  # the objective's loss terms, in reporting order
+    gathers_features: bool = False  # the objective reads the backbone features of the batch
 
 
 def start_training(
@@ -166,30 +167,33 @@ def start_training(
         start_epoch=start_epoch,
         objective_state={key: value.to(ctx.device) for key, value in state.items()},
         terms=objective.loss_terms(config),
+        gathers_features=objective.clustering_objective(config.loss.clustering).reads_features,
     )
 
 
-def gather_views(out: JointOutput, indices: Tensor) -> objective.GlobalBatch:
+def gather_views(
+    out: JointOutput, indices: Tensor, with_features: bool = False
+) -> objective.GlobalBatch:
     """This worker's outputs of its (2b) views of the images ``indices`` (b,) → both views of
     the global batch.
 
-    One collective per step: z | A | H | h of both views and the image index packed, gathered,
-    unpacked (indices are exact in float32 below 2^24 images).
+    One collective per step: z | A | H (| h, when the objective reads it) of both views and the
+    image index packed, gathered, unpacked (indices are exact in float32 below 2^24 images).
     """
     local = len(indices)
     parts = [out.projections.float(), out.assignments, out.cluster_hidden.float()]
-    parts.append(out.features.float())
+    if with_features:
+        parts.append(out.features.float())
     packed = torch.cat(parts, dim=1)
     rows = torch.cat([packed[:local], packed[local:], indices[:, None].to(packed)], dim=1)
     gathered = gather_with_grad(rows)
     widths = [part.shape[1] for part in parts]
-    views = gathered[:, :-1].reshape(len(gathered), 2, -1)
-    z, a, hidden, features = views.split(widths, dim=2)
+    views = gathered[:, :-1].reshape(len(gathered), 2, -1).split(widths, dim=2)
     return objective.GlobalBatch(
-        projections=z,
-        assignments=a,
-        hidden=hidden,
-        features=features,
+        projections=views[0],
+        assignments=views[1],
+        hidden=views[2],
+        features=views[3] if with_features else None,
         indices=gathered[:, -1].detach().round().long(),
     )
 
@@ -201,7 +205,7 @@ def train_step(training: Training, views: Tensor, indices: Tensor, epoch: int) -
     model = training.model
     with autocast(training.ctx.device):
         out = training.wrapped(views.contiguous(memory_format=torch.channels_last))
-        batch = gather_views(out, indices)
+        batch = gather_views(out, indices, training.gathers_features)
         losses = objective.joint_objective(
             batch, model.pooling.statistics(), training.objective_state, training.config, epoch
         )

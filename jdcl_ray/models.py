@@ -161,11 +161,11 @@ class StatisticsPooling(nn.Module):
         self.num_updates += 1
 
     def proportions(self) -> Tensor:
-        """π_k = n_k / Σ n, uniform before the first update."""
+        """π_k = n_k / Σ n, uniform before the first update. No host sync: every training step
+        reads it."""
         total = self.cardinality.sum()
-        if total <= 0:
-            return torch.full_like(self.cardinality, 1.0 / self.cardinality.numel())
-        return self.cardinality / total
+        uniform = torch.full_like(self.cardinality, 1.0 / self.cardinality.numel())
+        return torch.where(total > 0, self.cardinality / total.clamp_min(1e-30), uniform)
 
     def statistics(self) -> PooledStatistics:
         return PooledStatistics(self.proportions(), self.mean, self.var, self.num_updates)

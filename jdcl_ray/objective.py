@@ -43,7 +43,7 @@ class GlobalBatch:
     projections: Tensor  # (B, 2, D): the representation network's z
     assignments: Tensor  # (B, 2, K): the clustering network's softmax A
     hidden: Tensor  # (B, 2, H): the clustering head's hidden layer
-    features: Tensor  # (B, 2, F): the backbone's h
+    features: Tensor | None  # (B, 2, F): the backbone's h, gathered for objectives that read it
     indices: Tensor  # (B,): each image's row in the training set
 
     @staticmethod
@@ -80,6 +80,7 @@ class ClusteringObjective:
     ``initial_state(num_images, num_clusters, feature_dim)`` declares the tensors it keeps (the
     engine holds them and every checkpoint carries them);
     ``refresh(training_set, state, pooled, config, epoch)`` returns the next state.
+    ``reads_features``: the batch must carry the backbone features (a bigger gather each step).
     """
 
     name: str
@@ -88,6 +89,7 @@ class ClusteringObjective:
     source: str  # the paper it follows, or "ours"
     initial_state: Callable[[int, int, int], State] = field(default=_no_state)
     refresh: Callable[[TrainingSet, State, PooledStatistics, Config, int], Refreshed] | None = None
+    reads_features: bool = False
 
 
 CLUSTERING_OBJECTIVES: dict[str, ClusteringObjective] = {}
@@ -331,6 +333,8 @@ def _pooled_mixture(
     from the other view's features."""
     loss = config.loss
 
+    assert batch.features is not None  # reads_features: the engine gathers them
+
     def label(view: int) -> tuple[Tensor, Tensor]:
         targets = mixture_responsibilities(
             batch.features[:, view],
@@ -437,6 +441,7 @@ for _objective in (
         source="ours: the statistics pooling block as a Gaussian mixture the head follows",
         initial_state=_mixture_state,
         refresh=_mixture_refresh,
+        reads_features=True,
     ),
 ):
     register(_objective)

@@ -14,11 +14,11 @@ import torch
 from sklearn.covariance import ledoit_wolf_shrinkage
 
 from jdcl_ray import metrics, ood
+from jdcl_ray.checkpoint import model_from_state
 from jdcl_ray.config import load_config
 from jdcl_ray.data import prepare_data
 from jdcl_ray.engine import WorkerContext, embed, embed_training_set, fit
 from jdcl_ray.metrics import ood_auroc
-from jdcl_ray.models import build_model
 
 
 def _inputs(seed: int = 0, n: int = 60, d: int = 5, k: int = 3):
@@ -270,8 +270,7 @@ def test_after_three_digits_epochs_the_shipped_score_ranks_noise_above_digits():
     fit(
         config, data, WorkerContext(0, 1, cpu), lambda m, s, a: states.append(s), log=lambda _: None
     )
-    model = build_model(config, 1)
-    model.load_state_dict(states[-1]["model"])
+    model = model_from_state(states[-1])
     fitted = embed_training_set(model, data, config, cpu).ood_params
     assert set(fitted) == set(states[-1]["ood"])
     noise = torch.randint(

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from jdcl_ray import metrics, ood
-from jdcl_ray.bench.common import subsample, train_once, trained_model
+from jdcl_ray.bench.common import subsample, train_once
 from jdcl_ray.bench.quality import FULL_METHOD, METHODS, Study, run_config
+from jdcl_ray.checkpoint import model_from_state
 from jdcl_ray.config import Config, load_config
 from jdcl_ray.data import ImageDataset, RunData, prepare_data
 from jdcl_ray.engine import embed, embed_training_set
@@ -101,7 +102,7 @@ def digits_run(seed: int) -> dict[str, Any]:
     data = prepare_data(config)
     started = time.perf_counter()
     last, state = train_once(config, data)
-    model = trained_model(config, state)
+    model = model_from_state(state)
     inside = data.eval.images
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randint(0, 256, inside.shape, generator=generator, dtype=torch.uint8)
@@ -148,7 +149,7 @@ def fashion_run(seed: int, epochs: int, max_images: int) -> dict[str, Any]:
     reduced = subsample(reduced, max_images, seed)
     started = time.perf_counter()
     last, state = train_once(config, reduced)
-    model = trained_model(config, state)
+    model = model_from_state(state)
     inside = test.images[torch.from_numpy(np.flatnonzero(test_in))]
     outside = test.images[torch.from_numpy(np.flatnonzero(test_out))]
     scores = score_all(model, config, reduced, inside, outside, seed)

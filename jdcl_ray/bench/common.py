@@ -15,7 +15,6 @@ from jdcl_ray.config import Config
 from jdcl_ray.data import RunData
 from jdcl_ray.engine import WorkerContext, fit
 from jdcl_ray.errors import UserError
-from jdcl_ray.models import JointModel, build_model
 
 
 def positive(option: str, value: int) -> int:
@@ -54,13 +53,6 @@ def train_once(config: Config, data: RunData) -> tuple[dict[str, Any], dict[str,
     ctx = WorkerContext(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     last = fit(config, data, ctx, keep_state, log=lambda _line: None)
     return last, final
-
-
-def trained_model(config: Config, state: dict[str, Any]) -> JointModel:
-    """The model of a ``train_once`` state, on the CPU."""
-    model = build_model(config, int(state["in_channels"]))
-    model.load_state_dict(state["model"])
-    return model
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:

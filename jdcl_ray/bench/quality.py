@@ -34,8 +34,8 @@ from jdcl_ray.bench.common import (
     save_figure,
     subsample,
     train_once,
-    trained_model,
 )
+from jdcl_ray.checkpoint import model_from_state
 from jdcl_ray.config import Config, load_config, merge
 from jdcl_ray.data import RunData, prepare_data
 from jdcl_ray.engine import embed, embed_training_set
@@ -195,7 +195,7 @@ def ood_run(study: Study, seed: int) -> dict[str, Any]:
     if study.max_images is not None:
         ood_images = ood_images.subset(np.arange(min(len(ood_images.images), study.max_images)))
     last, state = train_once(config, reduced)
-    model = trained_model(config, state)
+    model = model_from_state(state)
     device = torch.device("cpu")
     fitted = embed_training_set(model, reduced, config, device).ood_params
     scores_in = ood.score(OOD_SCORE, fitted, embed(model, reduced.eval.images, device)["features"])

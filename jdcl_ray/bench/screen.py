@@ -38,8 +38,9 @@ import torch
 from sklearn.cluster import KMeans
 
 from jdcl_ray import metrics, objective
-from jdcl_ray.bench.common import markdown_table, subsample, train_once, trained_model
+from jdcl_ray.bench.common import markdown_table, subsample, train_once
 from jdcl_ray.bench.quality import FULL_METHOD, METHODS, Study, run_config
+from jdcl_ray.checkpoint import model_from_state
 from jdcl_ray.config import dotted_to_nested, field_type, merge, read_yaml
 from jdcl_ray.data import RunData, prepare_data
 from jdcl_ray.engine import embed
@@ -169,7 +170,7 @@ def screen_run(
         raise UserError(f"data.name {config.data.name!r} has no labels: screening scores them")
     started = time.perf_counter()
     last, state = train_once(config, data)
-    model = trained_model(config, state)
+    model = model_from_state(state)
     out = embed(model, data.train.images, torch.device("cpu"))
     features = torch.nn.functional.normalize(out["features"], dim=1).numpy()
     k = config.model.num_clusters
