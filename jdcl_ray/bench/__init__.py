@@ -2,8 +2,11 @@
 
 ``python -m jdcl_ray.bench quality [--quick] [--json FILE] [--markdown FILE] [--base CONFIG]
 [--epochs N] [--max-images N] [--ratios R ...] [--seeds S ...]`` — the clustering-quality study
-(``quality.py``); with ``--variants FILE [--jsonl FILE] [--dump-features DIR]`` its screening
+(``quality.py``); with ``--variants FILE [--baselines] [--jsonl FILE] [--dump-features DIR]`` its screening
 mode (``screen.py``).
+
+``python -m jdcl_ray.bench blobs [OBJECTIVE ...] [--seeds S ...] [--jsonl FILE]`` — whether a
+clustering objective recovers the small blobs of a long-tailed Gaussian mixture (``blobs.py``).
 
 ``python -m jdcl_ray.bench throughput [--quick] [--json FILE] [--base CONFIG]`` — images/s of
 augmentation, the training step, Ray Train and the losses (``throughput.py``).
@@ -59,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="screen the variants of this YAML file (name → SECTION.KEY overrides) instead",
     )
     screen.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also score the pixel baselines (k-means, UMAP + GMM) on every ratio and seed's draw",
+    )
+    screen.add_argument(
         "--jsonl", type=Path, metavar="FILE", help="append one JSON row per screening run here"
     )
     screen.add_argument(
@@ -67,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="write each screening run's features here (NAME_irR_sS.npz)",
     )
+    blobs = suites.add_parser("blobs", help="recovery of a long-tailed mixture's small blobs")
+    blobs.add_argument("objectives", nargs="*", help="clustering objectives (default: every one)")
+    blobs.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S")
+    blobs.add_argument("--jsonl", type=Path, metavar="FILE", help="append one JSON row a run here")
     speed = suites.add_parser("throughput", help="images/s of augmentation, step, Ray, losses")
     speed.add_argument("--quick", action="store_true", help="seconds per figure instead of minutes")
     speed.add_argument("--json", type=Path, metavar="FILE", help="write the JSON object here too")
@@ -81,14 +93,18 @@ def _check_mode(args: argparse.Namespace) -> None:
     if args.variants:
         wrong, why = ("json", "markdown"), "is the study's: screening writes --jsonl"
     else:
-        wrong, why = ("jsonl", "dump_features"), "needs --variants (the screening mode)"
+        wrong, why = ("jsonl", "dump_features", "baselines"), "needs --variants (screening)"
     for name in wrong:
-        if getattr(args, name) is not None:
+        if getattr(args, name) not in (None, False):
             raise UserError(f"--{name.replace('_', '-')} {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.suite == "blobs":
+        from jdcl_ray.bench import blobs
+
+        return blobs.main(args)
     if args.suite == "throughput":
         from jdcl_ray.bench import throughput
 

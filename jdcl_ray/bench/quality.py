@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from sklearn.mixture import GaussianMixture
 
 from jdcl_ray import metrics, ood
 from jdcl_ray.bench.common import (
@@ -39,11 +40,14 @@ from jdcl_ray.checkpoint import model_from_state
 from jdcl_ray.config import Config, load_config, merge
 from jdcl_ray.data import RunData, prepare_data
 from jdcl_ray.engine import embed, embed_training_set
+from jdcl_ray.errors import UserError
 from jdcl_ray.ood import OOD_SCORE
 
-# Method → config overrides on top of the base config ("ours": the pooled prior).
+# Method → config overrides on top of the base config ("ours": the pooled prior); None: a
+# baseline on the pixels (PIXEL_BASELINES), no training.
 METHODS: dict[str, dict[str, Any] | None] = {
     "kmeans_pixels": None,
+    "umap_gmm_pixels": None,
     "simclr_kmeans": {
         "loss": {"tau_plus": 0.0, "prior": "fixed", "clustering_weight": 0.0},
         "eval": {"assign": "kmeans"},
@@ -127,10 +131,32 @@ def run_config(study: Study, ratio: float, seed: int, method_overrides: dict[str
     return load_config(study.base, values)
 
 
+def _pixels(data: RunData) -> np.ndarray:
+    return data.train.images.flatten(1).float().numpy() / 255.0
+
+
 def kmeans_pixels(data: RunData, num_clusters: int, seed: int) -> dict[str, Any]:
-    pixels = data.train.images.flatten(1).float().numpy() / 255.0
-    clusters = KMeans(num_clusters, n_init=10, random_state=seed).fit_predict(pixels)
+    clusters = KMeans(num_clusters, n_init=10, random_state=seed).fit_predict(_pixels(data))
     return _scores(data, clusters, num_clusters)
+
+
+def umap_gmm_pixels(data: RunData, num_clusters: int, seed: int) -> dict[str, Any]:
+    """N2D's clustering step on the pixels (McConville et al. 2020, without its autoencoder):
+    UMAP to K dimensions (20 neighbours, min_dist 0), then a full-covariance GMM."""
+    try:
+        import umap
+    except ImportError:
+        raise UserError(
+            "the umap_gmm_pixels baseline needs umap-learn: pip install -e '.[dev]'"
+        ) from None
+    embedding = umap.UMAP(
+        n_components=num_clusters, n_neighbors=20, min_dist=0.0, random_state=seed
+    ).fit_transform(_pixels(data))
+    mixture = GaussianMixture(num_clusters, covariance_type="full", random_state=seed)
+    return _scores(data, mixture.fit_predict(embedding), num_clusters)
+
+
+PIXEL_BASELINES = {"kmeans_pixels": kmeans_pixels, "umap_gmm_pixels": umap_gmm_pixels}
 
 
 def _scores(data: RunData, clusters: np.ndarray, num_clusters: int) -> dict[str, Any]:
@@ -139,7 +165,7 @@ def _scores(data: RunData, clusters: np.ndarray, num_clusters: int) -> dict[str,
         labels, clusters, num_clusters, class_order=data.class_order
     )
     sizes = metrics.cluster_size_report(labels, clusters, num_clusters)
-    result.update(predicted_sizes=sizes["predicted_sizes"], true_sizes=sizes["true_sizes"])
+    result.update({key: sizes[key] for key in ("predicted_sizes", "true_sizes", "size_l1")})
     return result
 
 
@@ -149,7 +175,7 @@ def method_run(study: Study, method: str, ratio: float, seed: int) -> dict[str, 
     data = subsample(prepare_data(config), study.max_images, seed)
     started = time.perf_counter()
     if overrides is None:
-        scores = kmeans_pixels(data, config.model.num_clusters, seed)
+        scores = PIXEL_BASELINES[method](data, config.model.num_clusters, seed)
     else:
         last, _ = train_once(config, data)
         scores = {key.removeprefix("train/"): value for key, value in last.items()}

@@ -12,9 +12,11 @@
 
 Every run is the study's base config and budget (``--base``, ``--epochs``, ``--max-images``,
 ``--quick``) with the study's overrides, the full method's, then the variant's, at each ratio
-(default 10 and 100) and seed (default 0). Each run prints one JSON row — the head's CAA, ACC and
-tail accuracy, k-means on the features (CAA, ACC), kNN accuracy, the head's cluster sizes, the
-DCL and clustering losses, the wall seconds — and appends it to ``--jsonl``. ``--dump-features``
+(default 10 and 100) and seed (default 0). Each run prints one JSON row — the head's CAA, ACC, NMI,
+tail accuracy, cluster-size L1 and empty clusters, k-means on the features (CAA, ACC, NMI, size
+L1), kNN accuracy, the OOD AUROC of uniform-noise images against the evaluation split, the
+head's cluster sizes, the DCL and clustering losses, the wall seconds — and appends it to
+``--jsonl``; ``--baselines`` adds the pixel baselines' rows (k-means, UMAP + GMM) on each draw. ``--dump-features``
 writes the training set through the model (``NAME_irR_sS.npz``: h, hidden, A, z, labels, pi),
 which ``benchmarks/research/analyze.py`` and ``merge.py`` read.
 """
@@ -37,15 +39,16 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from jdcl_ray import metrics, objective
+from jdcl_ray import metrics, objective, ood
 from jdcl_ray.bench.common import markdown_table, subsample, train_once
-from jdcl_ray.bench.quality import FULL_METHOD, METHODS, Study, run_config
+from jdcl_ray.bench.quality import FULL_METHOD, METHODS, PIXEL_BASELINES, Study, run_config
 from jdcl_ray.checkpoint import model_from_state
 from jdcl_ray.config import dotted_to_nested, field_type, merge, read_yaml
 from jdcl_ray.data import RunData, prepare_data
 from jdcl_ray.engine import embed
 from jdcl_ray.errors import UserError
 from jdcl_ray.models import JointModel
+from jdcl_ray.ood import OOD_SCORE
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # plugin paths are relative to it
 FILE_KEYS = ("plugins", "variants")
@@ -178,6 +181,16 @@ def screen_run(
     on_features = metrics.cluster_metrics(
         data.train.labels, clusters, k, class_order=data.class_order
     )
+    km_sizes = metrics.cluster_size_report(data.train.labels, clusters, k)
+    inside = data.eval if data.eval is not None else data.train
+    noise = torch.randint(
+        0, 256, inside.images.shape, generator=torch.Generator().manual_seed(seed)
+    ).to(torch.uint8)
+    params = dict(state["ood"])
+    scores_in, scores_noise = (
+        ood.score(OOD_SCORE, params, embed(model, images, torch.device("cpu"))["features"])
+        for images in (inside.images, noise)
+    )
     row = {
         "name": variant.name,
         "ir": ratio,
@@ -186,10 +199,16 @@ def screen_run(
         "wall": round(time.perf_counter() - started),
         "head_caa": last["train/caa"],
         "head_acc": last["train/acc"],
+        "head_nmi": last["train/nmi"],
         "tail": last["train/tail_acc"],
+        "size_l1": last["cluster_size_l1"],
+        "empty": last["empty_clusters"],
         "km_caa": on_features["caa"],
         "km_acc": on_features["acc"],
+        "km_nmi": on_features["nmi"],
+        "km_size_l1": km_sizes["size_l1"],
         "knn": last["knn_acc"],
+        "ood_noise_auroc": metrics.ood_auroc(scores_in.numpy(), scores_noise.numpy()),
         "sizes": sorted(last["predicted_sizes"], reverse=True),
         "dcl": last["loss/dcl"],
         "clustering": last["loss/clustering"],
@@ -199,13 +218,33 @@ def screen_run(
     return row
 
 
+def baseline_run(study: Study, name: str, ratio: float, seed: int) -> dict[str, Any]:
+    """A pixel baseline on the draw the variants train on, in the columns of ``screen_run``
+    (its clusters in the head's; the feature columns empty)."""
+    config = run_config(study, ratio, seed, {})
+    data = subsample(prepare_data(config), study.max_images, seed)
+    started = time.perf_counter()
+    scores = PIXEL_BASELINES[name](data, config.model.num_clusters, seed)
+    sizes = np.asarray(scores["predicted_sizes"])
+    row: dict[str, Any] = {"name": name, "ir": ratio, "seed": seed, "overrides": {}}
+    row["wall"] = round(time.perf_counter() - started)
+    row.update(head_caa=scores["caa"], head_acc=scores["acc"], head_nmi=scores["nmi"])
+    row.update(tail=scores["tail_acc"], size_l1=scores["size_l1"], empty=int((sizes == 0).sum()))
+    row["sizes"] = sorted(sizes.tolist(), reverse=True)
+    return row
+
+
+def _cell(value: Any) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """The rows as the markdown table of benchmarks/research/README.md."""
     header = ["variant", "IR", "seed", "head CAA", "head ACC", "tail acc", "k-means(h) CAA"]
     header += ["k-means(h) ACC", "kNN acc", "dcl", "head cluster sizes"]
     keys = ("head_caa", "head_acc", "tail", "km_caa", "km_acc", "knn", "dcl")
     cells = [
-        [r["name"], f"{r['ir']:g}", r["seed"], *(f"{r[k]:.3f}" for k in keys), r["sizes"]]
+        [r["name"], f"{r['ir']:g}", r["seed"], *(_cell(r.get(k)) for k in keys), r["sizes"]]
         for r in rows
     ]
     return markdown_table(header, cells)
@@ -216,11 +255,19 @@ def main(study: Study, args: argparse.Namespace) -> int:
     variants = load_variants(args.variants, study)
     if args.dump_features is not None:
         args.dump_features.mkdir(parents=True, exist_ok=True)
+    runs = [
+        (lambda r, s, name=name: baseline_run(study, name, r, s))
+        for name in (PIXEL_BASELINES if args.baselines else ())
+    ]
+    runs += [
+        (lambda r, s, v=variant: screen_run(study, v, r, s, args.dump_features))
+        for variant in variants
+    ]
     rows = []
-    for variant in variants:
+    for run in runs:
         for ratio in study.imbalance_ratios:
             for seed in study.seeds:
-                row = screen_run(study, variant, ratio, seed, args.dump_features)
+                row = run(ratio, seed)
                 line = json.dumps(row)
                 print(line, flush=True)
                 if args.jsonl is not None:
