@@ -96,9 +96,21 @@ class ModelConfig:
     projection_hidden: int = 512
     projection_dim: int = 128
     cluster_hidden: int = 100
+    # First weights (jdcl_ray/pretrained.py): random, a weights file, torchvision:WEIGHTS, an
+    # earlier run's folder or checkpoint, or an MLflow run id; init_heads: its heads too.
+    init: str = "random"
+    init_heads: bool = False
+    freeze_backbone_epochs: int = 0  # the backbone stays as initialised for these epochs
 
     def validate(self) -> None:
         check(self.num_clusters >= 2, "model.num_clusters", self.num_clusters, ">= 2")
+        check(bool(self.init.strip()), "model.init", self.init, "random or a weights source")
+        check(
+            self.freeze_backbone_epochs >= 0,
+            "model.freeze_backbone_epochs",
+            self.freeze_backbone_epochs,
+            ">= 0",
+        )
         for name in ("width", "projection_hidden", "projection_dim", "cluster_hidden"):
             value = getattr(self, name)
             check(value >= 1, f"model.{name}", value, ">= 1")

@@ -27,6 +27,7 @@ from jdcl_ray.data import RunData
 from jdcl_ray.distributed import gather_with_grad
 from jdcl_ray.errors import UserError
 from jdcl_ray.models import JointModel, JointOutput, build_model
+from jdcl_ray.pretrained import InitialWeights, apply_initial_weights
 
 # report(metrics, state, assignments): see ``fit``.
 Report = Callable[[dict[str, Any], dict[str, Any] | None, dict[str, np.ndarray] | None], None]
@@ -130,14 +131,19 @@ class Training:
 
 
 def start_training(
-    config: Config, data: RunData, ctx: WorkerContext, restored: dict[str, Any] | None
+    config: Config,
+    data: RunData,
+    ctx: WorkerContext,
+    restored: dict[str, Any] | None,
+    initial: InitialWeights | None = None,
 ) -> Training:
     torch.manual_seed(config.run.seed)
     steps_per_epoch = len(data.train.images) // config.optim.batch_size  # >= 1: prepare_data
     # channels-last: faster convolutions on GPU (tensor cores) and on CPU (oneDNN) alike.
-    model = build_model(config, data.train.images.shape[1]).to(
-        ctx.device, memory_format=torch.channels_last
-    )
+    model = build_model(config, data.train.images.shape[1])
+    if initial is not None and restored is None:
+        apply_initial_weights(model, initial)
+    model = model.to(ctx.device, memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     state = objective.initial_state(config, len(data.train.images), model.pooling.mean.shape[1])
@@ -198,6 +204,10 @@ def gather_views(
     )
 
 
+def backbone_frozen(config: Config, epoch: int) -> bool:
+    return epoch < config.model.freeze_backbone_epochs
+
+
 def train_step(training: Training, views: Tensor, indices: Tensor, epoch: int) -> Tensor:
     """One optimiser step on this worker's (2b, C, H, W) views of the images ``indices`` (b,):
     its b first views, then its b second views. Returns the loss terms, detached, on the device.
@@ -212,6 +222,9 @@ def train_step(training: Training, views: Tensor, indices: Tensor, epoch: int) -
     model.pooling.update(out.assignments, out.features)
     training.optimizer.zero_grad(set_to_none=True)
     losses["total"].backward()
+    if backbone_frozen(training.config, epoch):  # no gradient: neither Adam nor decay moves it
+        for parameter in model.backbone.parameters():
+            parameter.grad = None
     training.optimizer.step()
     training.scheduler.step()
     return torch.stack([losses[term].detach().float() for term in training.terms])
@@ -245,6 +258,8 @@ def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
     config, ctx = training.config, training.ctx
     if objective.refresh_due(config, epoch):
         refresh_objective(training, epoch)
+    # A frozen backbone keeps its batch-norm statistics too (eval mode uses, not updates, them).
+    training.model.backbone.train(not backbone_frozen(config, epoch))
     seed, global_batch = config.run.seed, config.optim.batch_size
     local_batch = global_batch // ctx.world_size
     started = time.perf_counter()
@@ -427,14 +442,16 @@ def fit(
     report: Report,
     restored: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    initial: InitialWeights | None = None,
 ) -> dict[str, Any]:
     """Train from epoch 0 (or after ``restored``'s epoch) to ``run.epochs``; returns last metrics.
 
     ``report(metrics, state, assignments)`` is called by every rank once per epoch; ``state``
     (only on rank 0, on checkpoint epochs) is a weights_only-loadable dict to save as the
     checkpoint; ``assignments`` (rank 0, last epoch) are the training set's clusters.
+    ``initial``: the first weights (``model.init``), unless the run continues from ``restored``.
     """
-    training = start_training(config, data, ctx, restored)
+    training = start_training(config, data, ctx, restored, initial)
     run = config.run
     last: dict[str, Any] = {}
     for epoch in range(training.start_epoch, run.epochs):

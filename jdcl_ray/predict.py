@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,76 +22,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jdcl_ray import ood, storage, tracking
+from jdcl_ray import ood, tracking
 from jdcl_ray.assign import assign
-from jdcl_ray.checkpoint import TrainedModel, find_checkpoint, load_model
+from jdcl_ray.checkpoint import TrainedModel, load_model
 from jdcl_ray.data import IMAGE_EXTENSIONS, decode_images, parquet_image_bytes
 from jdcl_ray.engine import embed
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.runtime import init_ray
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 CPU = torch.device("cpu")
 
 # (where, file or encoded bytes): what data.decode_images reads, one image per pair.
 Sources = list[tuple[str, Path | bytes]]
-
-
-# --- which checkpoint ------------------------------------------------------------------------
-
-
-def resolve_model(model: str, tracking_uri: str) -> str:
-    """The checkpoint folder named by ``model``: a checkpoint folder (holding state.pt), a Train
-    run folder (its newest complete checkpoint), an MLflow run id (its ``checkpoint`` tag; a
-    search's parent run stands for its best trial) or ``models:/NAME/VERSION``."""
-    if model.startswith("models:/"):
-        return resolve_model(_registered_run(model, tracking_uri), tracking_uri)
-    location = storage.resolve(model)
-    if storage.exists(location):
-        return find_checkpoint(location)
-    if RUN_ID.match(model):
-        return resolve_model(_run_checkpoint(model, tracking_uri), tracking_uri)
-    raise UserError(
-        f"--model {model!r} is not a folder, an MLflow run id (32 hex digits) or "
-        "models:/NAME/VERSION"
-    )
-
-
-def _run_checkpoint(run_id: str, tracking_uri: str) -> str:
-    """The run's checkpoint tag; for a search's parent run, that of its best trial's run."""
-    client = tracking.connect(tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except Exception:
-        where = tracking.redact(tracking_uri)
-        raise UserError(f"MLflow run {run_id} is not in {where}") from None
-    tags = run.data.tags
-    if tracking.CHECKPOINT_TAG not in tags and "best_trial" in tags:
-        child = tracking.find_child(client, run.info.experiment_id, run_id, tags["best_trial"])
-        if child is not None:
-            run, tags = child, child.data.tags
-    if tracking.CHECKPOINT_TAG not in tags:
-        raise UserError(
-            f"MLflow run {run.info.run_id} has no {tracking.CHECKPOINT_TAG!r} tag: expected a "
-            "trial's run (or a search's run with a best trial) whose checkpoint was recorded"
-        )
-    return tags[tracking.CHECKPOINT_TAG]
-
-
-def _registered_run(uri: str, tracking_uri: str) -> str:
-    """The run id behind a registered model version ``models:/NAME/VERSION``."""
-    name, _, version = uri.removeprefix("models:/").rpartition("/")
-    client = tracking.connect(tracking_uri)
-    try:
-        run_id = client.get_model_version(name, version).run_id
-    except Exception:
-        raise UserError(
-            f"--model {uri}: no such model version in {tracking.redact(tracking_uri)}: "
-            "expected models:/NAME/VERSION"
-        ) from None
-    if not run_id:
-        raise UserError(f"--model {uri}: the model version names no run")
-    return run_id
 
 
 # --- the model, ready to apply ---------------------------------------------------------------
@@ -341,7 +282,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    checkpoint = resolve_model(args.model, args.tracking_uri or tracking.default_tracking_uri())
+    checkpoint = tracking.resolve_checkpoint(
+        args.model, args.tracking_uri or tracking.default_tracking_uri()
+    )
     predictor = Predictor(load_model(checkpoint), args.embeddings)
     options = {"batch_size": args.batch_size, "image_column": args.image_column}
     if args.address:

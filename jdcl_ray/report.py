@@ -26,7 +26,6 @@ from jdcl_ray.data import prepare_data
 from jdcl_ray.engine import embed
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.metrics import match_clusters
-from jdcl_ray.predict import RUN_ID, resolve_model
 
 MAP_POINTS = 2000  # t-SNE is quadratic-ish: a seeded subsample keeps it to seconds
 
@@ -182,9 +181,9 @@ def plot_ood_histogram(scores: np.ndarray, threshold: float, path: Path) -> Path
 
 def run_report(run_id: str, tracking_uri: str, folder: Path) -> list[Path]:
     """Every plot of the run's final checkpoint, written to ``folder`` and logged to the run."""
-    if not RUN_ID.match(run_id):
+    if not tracking.RUN_ID.match(run_id):
         raise UserError(f"--run {run_id!r} is not an MLflow run id: expected 32 hex digits")
-    checkpoint = resolve_model(run_id, tracking_uri)
+    checkpoint = tracking.resolve_checkpoint(run_id, tracking_uri)
     table = storage.join(checkpoint, ASSIGNMENTS_FILE)
     if not storage.exists(table):
         raise UserError(

@@ -12,16 +12,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from jdcl_ray import storage
+from jdcl_ray.checkpoint import find_checkpoint
 from jdcl_ray.config import Config
 from jdcl_ray.errors import UserError
 
 logger = logging.getLogger(__name__)
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 T = TypeVar("T")
 
 TRIAL_TAG = "trial_id"
@@ -157,6 +161,7 @@ def run_tags(config: Config) -> dict[str, str]:
         "imbalance_ratio": str(config.data.imbalance_ratio),
         "num_clusters": str(config.model.num_clusters),
         "backbone": config.model.backbone,
+        "init": config.model.init,
         "seed": str(config.run.seed),
         "world_size": str(config.run.workers),
         "git_revision": git_revision(),
@@ -308,3 +313,60 @@ class EpochLog:
                 redact(self.tracking_uri),
                 redact(_first_line(error), self.tracking_uri),
             )
+
+
+# --- which checkpoint a name stands for ---------------------------------------------------
+
+
+def resolve_checkpoint(model: str, tracking_uri: str, what: str = "--model") -> str:
+    """The checkpoint folder named by ``model``: a checkpoint folder (holding state.pt), a Train
+    run folder (its newest complete checkpoint), an MLflow run id (its ``checkpoint`` tag; a
+    search's parent run stands for its best trial) or ``models:/NAME/VERSION``."""
+    if model.startswith("models:/"):
+        return resolve_checkpoint(_registered_run(model, tracking_uri, what), tracking_uri, what)
+    location = storage.resolve(model)
+    if storage.exists(location):
+        return find_checkpoint(location, what)
+    if RUN_ID.match(model):
+        return resolve_checkpoint(_run_checkpoint(model, tracking_uri), tracking_uri, what)
+    raise UserError(
+        f"{what} {model!r} is not a folder, an MLflow run id (32 hex digits) or "
+        "models:/NAME/VERSION"
+    )
+
+
+def _run_checkpoint(run_id: str, tracking_uri: str) -> str:
+    """The run's checkpoint tag; for a search's parent run, that of its best trial's run."""
+    client = connect(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        where = redact(tracking_uri)
+        raise UserError(f"MLflow run {run_id} is not in {where}") from None
+    tags = run.data.tags
+    if CHECKPOINT_TAG not in tags and "best_trial" in tags:
+        child = find_child(client, run.info.experiment_id, run_id, tags["best_trial"])
+        if child is not None:
+            run, tags = child, child.data.tags
+    if CHECKPOINT_TAG not in tags:
+        raise UserError(
+            f"MLflow run {run.info.run_id} has no {CHECKPOINT_TAG!r} tag: expected a "
+            "trial's run (or a search's run with a best trial) whose checkpoint was recorded"
+        )
+    return tags[CHECKPOINT_TAG]
+
+
+def _registered_run(uri: str, tracking_uri: str, what: str) -> str:
+    """The run id behind a registered model version ``models:/NAME/VERSION``."""
+    name, _, version = uri.removeprefix("models:/").rpartition("/")
+    client = connect(tracking_uri)
+    try:
+        run_id = client.get_model_version(name, version).run_id
+    except Exception:
+        raise UserError(
+            f"{what} {uri}: no such model version in {redact(tracking_uri)}: "
+            "expected models:/NAME/VERSION"
+        ) from None
+    if not run_id:
+        raise UserError(f"{what} {uri}: the model version names no run")
+    return run_id

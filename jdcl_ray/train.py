@@ -11,13 +11,14 @@ import argparse
 import json
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from jdcl_ray import objective, storage
+from jdcl_ray import objective, storage, tracking
 from jdcl_ray.checkpoint import (
     ASSIGNMENTS_FILE,
     CONFIG_FILE,
@@ -33,6 +34,7 @@ from jdcl_ray.config import Config, from_dict, load_config, merge, parse_overrid
 from jdcl_ray.data import RunData, prepare_data
 from jdcl_ray.engine import NonFiniteLossError, fit, worker_context
 from jdcl_ray.errors import UserError, run_cli
+from jdcl_ray.pretrained import InitialWeights, read_initial_weights
 from jdcl_ray.runtime import init_ray, trials_that_fit
 
 NON_FINITE = "non_finite_loss"  # key of a worker's return value when training diverged
@@ -73,7 +75,15 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     # Train V2 routes worker prints through its logger: log once, through logging.
     try:
-        return fit(config, data, ctx, report, restored, log=logging.getLogger("jdcl_ray").info)
+        return fit(
+            config,
+            data,
+            ctx,
+            report,
+            restored,
+            log=logging.getLogger("jdcl_ray").info,
+            initial=ray.get(loop_config["initial"]),
+        )
     except NonFiniteLossError as error:
         # Returned, not raised: Ray would restart the workers and hit the same NaN again.
         return {NON_FINITE: str(error)}
@@ -85,9 +95,11 @@ def run_training(
     data: RunData,
     resume_state: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
+    initial: InitialWeights | None = None,
 ) -> tuple[dict[str, Any], Path | None]:
     """Fit one data-parallel run into ``output``; returns the last epoch's metrics and the
-    last checkpoint (``output``: a path or URI; ``callbacks``: Ray Train ``UserCallback``s)."""
+    last checkpoint (``output``: a path or URI; ``callbacks``: Ray Train ``UserCallback``s;
+    ``initial``: the first weights, read on the driver like the data)."""
     import ray
     from ray.train import (
         CheckpointConfig,
@@ -108,6 +120,7 @@ def run_training(
             "config": config.to_dict(),
             "data": ray.put(data),
             "resume_state": ray.put(resume_state),
+            "initial": ray.put(initial),
         },
         scaling_config=ScalingConfig(
             num_workers=run.workers,
@@ -135,6 +148,16 @@ def run_training(
         metrics, folder = saved[-1]
         return metrics, ray.train.Checkpoint(folder)
     return dict(result.metrics or {}), result.checkpoint
+
+
+def initial_weights(config: Config, tracking_uri: str) -> tuple[Config, InitialWeights | None]:
+    """``model.init``'s weights, read here on the driver; an MLflow run id or ``models:/`` name
+    becomes its checkpoint folder in the returned config, so the run records what it loaded."""
+    spec = config.model.init
+    if tracking.RUN_ID.match(spec) or spec.startswith("models:/"):
+        spec = tracking.resolve_checkpoint(spec, tracking_uri, "model.init")
+        config = replace(config, model=replace(config.model, init=spec))
+    return config, read_initial_weights(spec, config.model.init_heads)
 
 
 def save_assignments(checkpoint: Any, destination: str) -> bool:
@@ -213,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config, output = resolve_run(args)
     objective.loss_terms(config)  # an unknown loss.clustering fails here, before Ray starts
+    config, initial = initial_weights(config, tracking.default_tracking_uri())
     data = prepare_data(config)
     on_cluster = init_ray(args.address)
     storage.check_shared(output, "--output")
     trials_that_fit(config, on_cluster)
     save_run_inputs(config, data.lt_indices, output)
     resume_state = newest_saved_state(output) if args.resume else None
-    metrics, checkpoint = run_training(config, output, data, resume_state)
+    metrics, checkpoint = run_training(config, output, data, resume_state, initial=initial)
     storage.write_text(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2))
     save_assignments(checkpoint, storage.join(output, ASSIGNMENTS_FILE))
     print_summary(metrics, output)

@@ -50,7 +50,7 @@ from jdcl_ray.runtime import TRIAL_RESOURCE, TRIAL_SHARE, init_ray, search_concu
 from jdcl_ray.search_summary import summarize
 from jdcl_ray.space import SearchConfig, SearchSpace, load_space, tune_distribution
 from jdcl_ray.tracking import tracked
-from jdcl_ray.train import run_training, save_assignments
+from jdcl_ray.train import initial_weights, run_training, save_assignments
 
 logger = logging.getLogger("jdcl_ray")
 
@@ -147,6 +147,7 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
         # result again instead of training again.
         tune.report(tracking.scalar_metrics(json.loads(storage.read_text(final_metrics))))
         return
+    config, initial = initial_weights(config, context.tracking_uri)
     data = prepare_data(config)
     save_run_inputs(config, data.lt_indices, output)
     if created:
@@ -155,7 +156,9 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
     resume_state = newest_saved_state(output)
     if resume_state is not None:
         log_resume(client, run_id, output, int(resume_state["epoch"]), callback.epoch_log)
-    metrics, checkpoint = run_training(config, output, data, resume_state, callbacks=[callback])
+    metrics, checkpoint = run_training(
+        config, output, data, resume_state, callbacks=[callback], initial=initial
+    )
     if run_id is not None:
         log_outputs(client, run_id, trial_id, config, checkpoint, output)
     final = {**metrics, "epochs_done": int(metrics.get("epoch", -1)) + 1}
@@ -409,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     space = load_space(args.space)
     check_objectives(space, args.space)
     uri = args.tracking_uri or tracking.default_tracking_uri()
+    initial_weights(space.trial_config({}), uri)  # a bad model.init fails before Ray starts
     client = tracking.connect(uri)
     context, folder = open_search(args, space, client, uri)
     # Tune checks the metric in every result; ours skip it on epochs without evaluation

@@ -27,6 +27,7 @@ PLAIN = (
     "checkpoint",
     "config",
     "distributed",
+    "pretrained",
 )
 EDGE_LIBRARIES = ("ray", "mlflow")
 

@@ -19,7 +19,8 @@ from jdcl_ray.checkpoint import ASSIGNMENTS_FILE, read_assignments
 from jdcl_ray.config import load_config
 from jdcl_ray.data import load_digits
 from jdcl_ray.errors import UserError, run_cli
-from jdcl_ray.predict import main, resolve_model
+from jdcl_ray.predict import main
+from jdcl_ray.tracking import resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits_lt.yaml"
@@ -121,18 +122,18 @@ def test_memory_stays_flat_with_eight_times_the_images(trained, tmp_path):
 
 def test_resolve_model_from_every_kind_of_name(trained, tmp_path, mlflow_store):
     uri, client, experiment = mlflow_store
-    assert resolve_model(str(trained), uri) == str(trained)
-    assert resolve_model(str(trained.parents[1]), uri) == str(trained)
+    assert resolve_checkpoint(str(trained), uri) == str(trained)
+    assert resolve_checkpoint(str(trained.parents[1]), uri) == str(trained)
     parent = tracking.start_parent(client, experiment, "search", {"best_trial": "t1"})
     child, _ = tracking.child_run(
         client, experiment, parent, "t1", "trial", load_config(DIGITS, [])
     )
     client.set_tag(child, tracking.CHECKPOINT_TAG, str(trained))
-    assert resolve_model(child, uri) == str(trained)
-    assert resolve_model(parent, uri) == str(trained)  # a search stands for its best trial
+    assert resolve_checkpoint(child, uri) == str(trained)
+    assert resolve_checkpoint(parent, uri) == str(trained)  # a search stands for its best trial
     client.create_registered_model("digits")
     version = client.create_model_version("digits", f"runs:/{child}/model", run_id=child)
-    assert resolve_model(f"models:/digits/{version.version}", uri) == str(trained)
+    assert resolve_checkpoint(f"models:/digits/{version.version}", uri) == str(trained)
 
     lonely = client.create_run(experiment).info.run_id
     for model, message in [
@@ -143,7 +144,7 @@ def test_resolve_model_from_every_kind_of_name(trained, tmp_path, mlflow_store):
         ("models:/digits/7", "--model models:/digits/7: no such model version"),
     ]:
         with pytest.raises(UserError, match=message):
-            resolve_model(model, uri)
+            resolve_checkpoint(model, uri)
 
 
 def cli_error(capsys, *argv: str) -> str:

@@ -15,6 +15,7 @@ from jdcl_ray.config import Config
 from jdcl_ray.data import RunData
 from jdcl_ray.engine import WorkerContext, fit
 from jdcl_ray.errors import UserError
+from jdcl_ray.pretrained import read_initial_weights
 
 
 def positive(option: str, value: int) -> int:
@@ -51,7 +52,8 @@ def train_once(config: Config, data: RunData) -> tuple[dict[str, Any], dict[str,
             final.update(state)
 
     ctx = WorkerContext(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    last = fit(config, data, ctx, keep_state, log=lambda _line: None)
+    initial = read_initial_weights(config.model.init, config.model.init_heads)
+    last = fit(config, data, ctx, keep_state, log=lambda _line: None, initial=initial)
     return last, final
 
 

@@ -250,6 +250,35 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return markdown_table(header, cells)
 
 
+# The columns of the study's summary: (row key, header), mean ± std over seeds.
+SUMMARY_COLUMNS = (
+    ("head_caa", "CAA"),
+    ("head_nmi", "NMI"),
+    ("tail", "tail acc"),
+    ("km_caa", "k-means(h) CAA"),
+    ("size_l1", "size L1"),
+    ("km_size_l1", "k-means(h) size L1"),
+    ("empty", "empty clusters"),
+    ("knn", "kNN acc"),
+    ("ood_noise_auroc", "noise AUROC"),
+)
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Mean ± std over seeds per variant and ratio (the README's study table), in run order."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["name"], row["ir"]), []).append(row)
+    cells = []
+    for (name, ratio), members in groups.items():
+        cells.append([name, f"{ratio:g}", len(members)])
+        for key, _ in SUMMARY_COLUMNS:
+            values = [float(r[key]) for r in members if r.get(key) is not None]
+            cells[-1].append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "—")
+    header = ["method", "IR", "seeds", *(title for _, title in SUMMARY_COLUMNS)]
+    return markdown_table(header, cells)
+
+
 def main(study: Study, args: argparse.Namespace) -> int:
     """Every variant at every ratio and seed: a JSON line a run, then the table."""
     variants = load_variants(args.variants, study)
@@ -274,5 +303,5 @@ def main(study: Study, args: argparse.Namespace) -> int:
                     with args.jsonl.open("a") as jsonl:
                         jsonl.write(line + "\n")
                 rows.append(row)
-    print("\n".join(["", *table(rows)]))
+    print("\n".join(["", *table(rows), "", *summary(rows)]))
     return 0
