@@ -356,6 +356,38 @@ def assignment_table(embedded: Embedded, data: RunData) -> dict[str, np.ndarray]
     return table
 
 
+def has_eval_labels(data: RunData) -> bool:
+    return data.eval is not None and data.eval is not data.train and data.eval.labels is not None
+
+
+def knn_accuracy(
+    data: RunData, config: Config, train_rows: np.ndarray, eval_rows: np.ndarray | None = None
+) -> float:
+    """kNN accuracy of rows standing for the training images: on the evaluation split's rows
+    when it is labelled, else leave-one-out on the training set."""
+    labels, k = data.train.labels, config.eval.knn_k
+    if eval_rows is None:
+        return metrics.knn_accuracy(train_rows, labels, train_rows, labels, k=k, exclude_self=True)
+    return metrics.knn_accuracy(train_rows, labels, eval_rows, data.eval.labels, k=k)
+
+
+PIXEL_SIDE = 32  # larger images are shrunk to this side for the pixels' kNN (memory)
+
+
+def pixel_rows(images: Tensor) -> np.ndarray:
+    pixels = images.float() / 255.0
+    if max(images.shape[-2:]) > PIXEL_SIDE:
+        pixels = nn.functional.interpolate(pixels, size=(PIXEL_SIDE, PIXEL_SIDE), mode="area")
+    return pixels.flatten(1).numpy()
+
+
+def pixel_knn_accuracy(data: RunData, config: Config) -> float:
+    """kNN accuracy of the raw pixels on the same draw and split as ``knn_acc``: whether the
+    features are better neighbours than the input itself."""
+    eval_rows = pixel_rows(data.eval.images) if has_eval_labels(data) else None
+    return knn_accuracy(data, config, pixel_rows(data.train.images), eval_rows)
+
+
 def evaluate(
     model: JointModel, data: RunData, config: Config, device: torch.device, embedded: Embedded
 ) -> dict[str, Any]:
@@ -393,10 +425,8 @@ def evaluate(
     result["true_sizes"] = sizes["true_sizes"]
     result["cluster_size_l1"] = sizes["size_l1"]
     evaluation, features = data.eval, embedded.features
-    if evaluation is None or evaluation is data.train or evaluation.labels is None:
-        result["knn_acc"] = metrics.knn_accuracy(
-            features, labels, features, labels, k=config.eval.knn_k, exclude_self=True
-        )
+    if not has_eval_labels(data):
+        result["knn_acc"] = knn_accuracy(data, config, features)
         return result
     eval_out = embed(model, evaluation.images, device)
     eval_features = nn.functional.normalize(eval_out["features"], dim=1).numpy()
@@ -407,9 +437,7 @@ def evaluate(
         evaluation.labels, eval_clusters, num_clusters, class_order=data.class_order
     ).items():
         result[f"test/{key}"] = value
-    result["knn_acc"] = metrics.knn_accuracy(
-        features, labels, eval_features, evaluation.labels, k=config.eval.knn_k
-    )
+    result["knn_acc"] = knn_accuracy(data, config, features, eval_features)
     return result
 
 
@@ -454,6 +482,7 @@ def fit(
     training = start_training(config, data, ctx, restored, initial)
     run = config.run
     last: dict[str, Any] = {}
+    pixels_knn: float | None = None  # computed once, at the first evaluation
     for epoch in range(training.start_epoch, run.epochs):
         epoch_metrics = train_epoch(training, epoch)
         is_last = epoch == run.epochs - 1
@@ -464,6 +493,10 @@ def fit(
             embedded = embed_training_set(training.model, data, config, ctx.device)
             if evaluates:
                 epoch_metrics.update(evaluate(training.model, data, config, ctx.device, embedded))
+                if "knn_acc" in epoch_metrics:
+                    if pixels_knn is None:
+                        pixels_knn = pixel_knn_accuracy(data, config)
+                    epoch_metrics["knn_acc_pixels"] = pixels_knn
             if saves:
                 state = checkpoint_state(training, data, epoch, embedded)
             if is_last:
@@ -481,12 +514,14 @@ def progress_line(epoch_metrics: dict[str, Any], epochs: int) -> str:
         "loss/total",
         "loss/dcl",
         "loss/clustering",
+        "loss/dcl_floor_frac",
         "train/caa",
         "train/kmeans_caa",
         "train/nmi",
         "test/caa",
         "test/nmi",
         "knn_acc",
+        "knn_acc_pixels",
     ):
         if key in epoch_metrics:
             parts.append(f"{key} {epoch_metrics[key]:.4f}")

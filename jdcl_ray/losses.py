@@ -49,6 +49,13 @@ def _check_dcl_args(z1: Tensor, z2: Tensor, temperature: float, tau_plus: float 
 
 
 def dcl_loss(z1: Tensor, z2: Tensor, temperature: float, tau_plus: float | Tensor) -> Tensor:
+    """The debiased contrastive loss of :func:`dcl_terms`."""
+    return dcl_terms(z1, z2, temperature, tau_plus)[0]
+
+
+def dcl_terms(
+    z1: Tensor, z2: Tensor, temperature: float, tau_plus: float | Tensor
+) -> tuple[Tensor, Tensor]:
     """Debiased contrastive loss (Chuang et al., "Debiased Contrastive Learning", NeurIPS 2020).
 
     z1, z2: (B, D) projections of the two views (normalised here). The 2B anchors are the B of
@@ -60,7 +67,9 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature: float, tau_plus: float | Tenso
         L = mean_i −log(pos_i / (pos_i + Ng_i))
 
     computed in log space so that t = 0.05 neither overflows nor loses precision; tau_plus = 0
-    is NT-Xent (SimCLR).
+    is NT-Xent (SimCLR). Also returns the fraction of anchors whose Ng_i sits at the floor
+    N·e^(−1/t), detached: those anchors get no gradient through their negatives (ours, a
+    diagnostic: when most of a batch is there, the representation stops learning).
     """
     _check_dcl_args(z1, z2, temperature, tau_plus)
     batch = z1.shape[0]
@@ -82,11 +91,13 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature: float, tau_plus: float | Tenso
         ratio = log_ratio.masked_fill(~feasible, -math.inf).exp()
         log_ng = log_neg + torch.log1p(-ratio) - torch.log1p(-tau)
         log_floor = math.log(num_neg) - 1.0 / temperature
+        at_floor = ~feasible | (log_ng <= log_floor)
         log_ng = torch.where(feasible, log_ng.clamp_min(log_floor), log_floor)
 
         # −log(pos / (pos + Ng)) = log(1 + Ng / pos), written to stay exact when it is tiny
         log_ng_over_pos = log_ng - log_pos
-        return torch.logaddexp(torch.zeros_like(log_ng_over_pos), log_ng_over_pos).mean()
+        loss = torch.logaddexp(torch.zeros_like(log_ng_over_pos), log_ng_over_pos).mean()
+        return loss, at_floor.detach().float().mean()
 
 
 def _cauchy_schwarz_divergence(columns: Tensor, kernel: Tensor) -> Tensor:

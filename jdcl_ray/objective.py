@@ -20,7 +20,7 @@ from torch import Tensor
 from jdcl_ray.config import Config
 from jdcl_ray.errors import UserError
 from jdcl_ray.losses import (
-    dcl_loss,
+    dcl_terms,
     ddc_loss,
     floored_prior,
     mixture_responsibilities,
@@ -32,7 +32,12 @@ from jdcl_ray.losses import (
 )
 from jdcl_ray.models import PooledStatistics
 
-JOINT_TERMS = ("total", "dcl", "clustering")  # reported as loss/<term>, before the objective's own
+JOINT_TERMS = (
+    "total",
+    "dcl",
+    "clustering",
+    "dcl_floor_frac",
+)  # reported as loss/<term>, before the objective's own
 State = dict[str, Tensor]
 
 
@@ -147,7 +152,9 @@ def joint_objective(
         tau_plus: float | Tensor = pooled_tau_plus(anchors, pooled.proportions)
     else:
         tau_plus = loss_cfg.tau_plus
-    dcl = dcl_loss(batch.projections[:, 0], batch.projections[:, 1], loss_cfg.temperature, tau_plus)
+    dcl, floor_frac = dcl_terms(
+        batch.projections[:, 0], batch.projections[:, 1], loss_cfg.temperature, tau_plus
+    )
     objective = clustering_objective(loss_cfg.clustering)
     terms = objective.compute(batch, pooled, state, config, epoch)
     weight = loss_cfg.clustering_weight if epoch >= loss_cfg.clustering_warmup_epochs else 0.0
@@ -155,6 +162,7 @@ def joint_objective(
         "total": dcl + weight * terms["total"],
         "dcl": dcl,
         "clustering": terms["total"],
+        "dcl_floor_frac": floor_frac,  # anchors whose debiased negative estimate is floored
         **{f"{objective.name}_{term}": terms[term] for term in objective.terms},
     }
 

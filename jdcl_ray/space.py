@@ -50,7 +50,7 @@ SEARCH_METRICS = (
     "knn_acc",
     "cluster_size_l1",
     # objective.JOINT_TERMS: every clustering objective reports these (tests check they agree).
-    *(f"loss/{term}" for term in ("total", "dcl", "clustering")),
+    *(f"loss/{term}" for term in ("total", "dcl", "clustering", "dcl_floor_frac")),
     *(f"{split}/{key}" for split in ("train", "test") for key in CLUSTER_METRIC_KEYS),
 )
 

@@ -186,7 +186,11 @@ def print_summary(metrics: dict[str, Any], output: str) -> None:
             table.add_row(split, *(f"{metrics[f'{split}/{k}']:.3f}" for k in keys))
     console = Console()
     console.print(table)
-    extras = {k: metrics[k] for k in ("knn_acc", "selection_score", "images_per_s") if k in metrics}
+    extras = {
+        k: metrics[k]
+        for k in ("knn_acc", "knn_acc_pixels", "selection_score", "images_per_s")
+        if k in metrics
+    }
     console.print(", ".join(f"{k} {v:.3f}" for k, v in extras.items()))
     console.print(f"metrics: {storage.join(output, METRICS_FILE)}")
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from jdcl_ray.losses import (
     dcl_loss,
+    dcl_terms,
     ddc_loss,
     floored_prior,
     mixture_responsibilities,
@@ -87,8 +88,10 @@ def _tau(spec: str | float, batch: int) -> float | torch.Tensor:
 def test_dcl_matches_reference(batch: int, dim: int, temperature: float, tau_spec) -> None:
     z1, z2 = _views(batch, dim, seed=batch * 1000 + dim)
     tau = _tau(tau_spec, batch)
-    expected, _ = _dcl_reference(z1, z2, temperature, tau)
+    expected, clamped = _dcl_reference(z1, z2, temperature, tau)
     assert dcl_loss(z1, z2, temperature, tau).item() == pytest.approx(expected, rel=1e-10)
+    _, floor_frac = dcl_terms(z1, z2, temperature, tau)
+    assert floor_frac.item() == pytest.approx(sum(clamped) / len(clamped))
 
 
 @pytest.mark.parametrize("temperature", [0.05, 0.5])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jdcl_ray import objective
+from jdcl_ray import metrics, objective
 from jdcl_ray.bench import blobs
 from jdcl_ray.config import load_config
 from jdcl_ray.data import prepare_data
@@ -176,11 +176,21 @@ def test_a_short_digits_run_gives_the_pinned_losses_and_metrics():
     )
     epochs: list[dict] = []
     torch.set_num_threads(2)
-    fit(config, prepare_data(config), CPU, lambda m, s, a: epochs.append(m), log=lambda _: None)
+    data = prepare_data(config)
+    fit(config, data, CPU, lambda m, s, a: epochs.append(m), log=lambda _: None)
     assert len(epochs) == len(PINNED)
     for got, pinned in zip(epochs, PINNED, strict=True):
         # Float32 training on another CPU may round differently; the first epochs agree closely.
         assert {k: got[k] for k in pinned} == pytest.approx(pinned, rel=2e-3, abs=2e-3)
+        assert 0 <= got["loss/dcl_floor_frac"] <= 1
+    # The pixels' kNN accuracy on the same split as knn_acc, once a run (every epoch the same).
+    train, test = (
+        split.images.flatten(1).double().numpy() / 255 for split in (data.train, data.eval)
+    )
+    pixels = metrics.knn_accuracy(
+        train, data.train.labels, test, data.eval.labels, k=config.eval.knn_k
+    )
+    assert [got["knn_acc_pixels"] for got in epochs] == [pytest.approx(pixels)] * len(epochs)
 
 
 # --- the objectives' state hooks --------------------------------------------------------------
