@@ -187,3 +187,13 @@ def test_freeze_backbone_epochs_leaves_the_backbone_as_initialised(tmp_path, fro
 def test_bad_freeze_epochs_is_a_config_error():
     with pytest.raises(UserError, match=r"model\.freeze_backbone_epochs"):
         config(freeze_backbone_epochs=-1)
+
+
+def test_train_cli_rejects_a_bad_init_before_ray_starts(tmp_path):
+    from jdcl_ray.train import main
+
+    config_file = str(ROOT / "configs" / "digits_lt.yaml")
+    missing = str(tmp_path / "nope.pt")
+    with pytest.raises(UserError, match=r"nope\.pt: no such file"):
+        main(["--config", config_file, "--set", f"model.init={missing}", "--output", str(tmp_path)])
+    assert not (tmp_path / "train").exists()

@@ -68,3 +68,44 @@ def _objective(name: str, gamma: float | None) -> ClusteringObjective:
 
 for _name, _gamma in (("ddc_prior_l2", 1.0), ("ddc_prior_l2_g05", 0.5), ("ddc_no_l2", None)):
     register(_objective(_name, _gamma))
+
+
+# --- neighbours whose first targets are k-means clusters (issue 17) --------------------------
+
+
+def _kmeans_start_refresh(training_set, state, pooled, config, epoch):
+    """As ``neighbours``' refresh, except that the first one (the bank still uniform: the head
+    has learnt nothing) takes k-means++ on the features as the targets, not the random head."""
+    from jdcl_ray.objective import Refreshed, kmeans_plus_plus, mine_neighbours, reseed_targets
+
+    features = training_set.features
+    k = config.model.num_clusters
+    if torch.allclose(state["bank"], torch.full_like(state["bank"], 1.0 / k)):
+        unit = torch.nn.functional.normalize(features.float(), dim=1)
+        start = torch.nn.functional.one_hot(kmeans_plus_plus(unit, k, config.run.seed), k)
+    else:
+        start = training_set.assignments
+    bank = reseed_targets(features, start.float(), config.loss.size_prior_floor)
+    return Refreshed(
+        {"neighbours": mine_neighbours(features, config.loss.neighbours), "bank": bank}
+    )
+
+
+def _with_refresh(name: str, base: str, refresh, what: str) -> ClusteringObjective:
+    from dataclasses import replace
+
+    from jdcl_ray.objective import clustering_objective
+
+    return replace(
+        clustering_objective(base), name=name, refresh=refresh, source=f"research: {what}"
+    )
+
+
+register(
+    _with_refresh(
+        "neighbours_kmeans_start",
+        "neighbours",
+        _kmeans_start_refresh,
+        "neighbours with k-means++ clusters as the first targets",
+    )
+)
