@@ -2,8 +2,9 @@
 accuracy, a 2-D map of the embeddings, example images per cluster and the OOD score histogram.
 Plain matplotlib (Agg), so they can be drawn anywhere.
 
-``python -m jdcl_ray.report --run RUN_ID [--output DIR]`` draws them all for a run's final
-checkpoint (its training images embedded again) and logs them to the run under ``report/``.
+``python -m jdcl_ray.report --run RUN_ID|RUN_FOLDER [--output DIR]`` draws them all for a
+run's final checkpoint (its training images embedded again) and, for an MLflow run, logs them
+to the run under ``report/``.
 """
 
 from __future__ import annotations
@@ -180,10 +181,9 @@ def plot_ood_histogram(scores: np.ndarray, threshold: float, path: Path) -> Path
 
 
 def run_report(run_id: str, tracking_uri: str, folder: Path) -> list[Path]:
-    """Every plot of the run's final checkpoint, written to ``folder`` and logged to the run."""
-    if not tracking.RUN_ID.match(run_id):
-        raise UserError(f"--run {run_id!r} is not an MLflow run id: expected 32 hex digits")
-    checkpoint = tracking.resolve_checkpoint(run_id, tracking_uri)
+    """Every plot of the run's final checkpoint, written to ``folder``; logged to the run when
+    ``run_id`` is an MLflow run id (it may also be a run or checkpoint folder)."""
+    checkpoint = tracking.resolve_checkpoint(run_id, tracking_uri, "--run")
     table = storage.join(checkpoint, ASSIGNMENTS_FILE)
     if not storage.exists(table):
         raise UserError(
@@ -216,24 +216,28 @@ def run_report(run_id: str, tracking_uri: str, folder: Path) -> list[Path]:
         ),
         plot_ood_histogram(scores, threshold, folder / "ood_histogram.png"),
     ]
-    client = tracking.connect(tracking_uri)
-    for path in paths:
-        client.log_artifact(run_id, str(path), artifact_path="report")
+    if tracking.RUN_ID.match(run_id) and not storage.exists(storage.resolve(run_id)):
+        client = tracking.connect(tracking_uri)
+        for path in paths:
+            client.log_artifact(run_id, str(path), artifact_path="report")
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jdcl_ray.report", description=__doc__)
-    parser.add_argument("--run", required=True, help="MLflow run id of a trial (or a search)")
+    parser.add_argument(
+        "--run", required=True, help="MLflow run id of a trial (or a search), or a run folder"
+    )
     parser.add_argument("--output", type=Path, help="folder for the PNGs (default report-RUN)")
     parser.add_argument(
         "--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)"
     )
     args = parser.parse_args(argv)
-    folder = args.output or Path(f"report-{args.run[:8]}")
+    folder = args.output or Path(f"report-{Path(args.run).name[:8]}")
     uri = args.tracking_uri or tracking.default_tracking_uri()
     paths = run_report(args.run, uri, folder)
-    print(f"{len(paths)} plots in {folder}, logged to run {args.run} under report/")
+    logged = f", logged to run {args.run} under report/" if tracking.RUN_ID.match(args.run) else ""
+    print(f"{len(paths)} plots in {folder}{logged}")
     return 0
 
 

@@ -42,5 +42,11 @@ def test_a_run_without_a_checkpoint_is_a_user_error(tmp_path, mlflow_store):
     run_id = client.create_run(experiment).info.run_id
     with pytest.raises(UserError, match=f"MLflow run {run_id} has no 'checkpoint' tag"):
         main(["--run", run_id, "--output", str(tmp_path), "--tracking-uri", uri])
-    with pytest.raises(UserError, match="'runs/x' is not an MLflow run id"):
+    with pytest.raises(UserError, match="--run 'runs/x' is not a folder, an MLflow run id"):
         main(["--run", "runs/x", "--tracking-uri", uri])
+
+
+def test_a_run_folder_is_drawn_without_mlflow(trained, tmp_path):
+    output = tmp_path / "report"
+    assert main(["--run", str(trained), "--output", str(output)]) == 0
+    assert {path.name for path in output.iterdir()} == PLOTS
