@@ -208,6 +208,8 @@ def screen_run(
         "km_nmi": on_features["nmi"],
         "km_size_l1": km_sizes["size_l1"],
         "knn": last["knn_acc"],
+        "knn_pixels": last.get("knn_acc_pixels"),
+        "dcl_floor_frac": last.get("loss/dcl_floor_frac"),
         "ood_noise_auroc": metrics.ood_auroc(scores_in.numpy(), scores_noise.numpy()),
         "sizes": sorted(last["predicted_sizes"], reverse=True),
         "dcl": last["loss/dcl"],
@@ -260,6 +262,7 @@ SUMMARY_COLUMNS = (
     ("km_size_l1", "k-means(h) size L1"),
     ("empty", "empty clusters"),
     ("knn", "kNN acc"),
+    ("knn_pixels", "pixels' kNN acc"),
     ("ood_noise_auroc", "noise AUROC"),
 )
 
