@@ -43,7 +43,10 @@ def _pooled(clusters: int = 4) -> PooledStatistics:
 
 
 def _config(**loss: object):
-    return load_config(DIGITS, {"model": {"num_clusters": 4}, "loss": loss})
+    """The digits config with 4 clusters and DDC (the paper's) unless ``loss`` says otherwise."""
+    return load_config(
+        DIGITS, {"model": {"num_clusters": 4}, "loss": {"clustering": "ddc", **loss}}
+    )
 
 
 @pytest.mark.parametrize(
@@ -123,7 +126,7 @@ def test_the_objective_is_pure_and_the_step_updates_the_pooling():
     views = torch.rand(2 * 16, *data.train.images.shape[1:])
     out = training.model(views)
     batch = gather_views(out, torch.arange(16))
-    objective.joint_objective(batch, pooling.statistics(), {}, config, 0)
+    objective.joint_objective(batch, pooling.statistics(), training.objective_state, config, 0)
     assert all(torch.equal(before[k], v) for k, v in pooling.state_dict().items())
     train_step(training, views, torch.arange(16), 0)
     assert int(pooling.num_updates) == 1
@@ -171,7 +174,7 @@ def test_a_short_digits_run_gives_the_pinned_losses_and_metrics():
         DIGITS,
         {
             "run": {"epochs": 3, "seed": 0},
-            "loss": {"clustering_warmup_epochs": 0, "prior_warmup_epochs": 1},
+            "loss": {"clustering": "ddc", "clustering_warmup_epochs": 0, "prior_warmup_epochs": 1},
         },
     )
     epochs: list[dict] = []
