@@ -21,7 +21,7 @@ from jdcl_ray.assign import assign, fit_centers
 from jdcl_ray.bench.common import pyplot, save_figure
 from jdcl_ray.checkpoint import find_checkpoint, load_model
 from jdcl_ray.data import prepare_data
-from jdcl_ray.engine import embed
+from jdcl_ray.engine import embed, pixel_rows
 
 
 def main() -> None:
@@ -41,11 +41,12 @@ def main() -> None:
     probabilities = out["assignments"].numpy()
     centres = fit_centers(features, k, seed)
     on_features, _ = assign(features, probabilities, centres, config.loss.temperature)
-    pixels = train.images.flatten(1).float().numpy() / 255.0
     clustered = {
         f"head ({config.loss.clustering})": probabilities.argmax(1),
         "k-means on the same features": on_features,
-        "k-means on pixels": KMeans(k, n_init=10, random_state=seed).fit_predict(pixels),
+        "k-means on pixels": KMeans(k, n_init=10, random_state=seed).fit_predict(
+            pixel_rows(train.images)
+        ),
     }
     true = np.sort(np.bincount(train.labels))[::-1]
     figure, axis = pyplot().subplots(figsize=(6.4, 4))

@@ -39,7 +39,7 @@ from jdcl_ray.bench.common import (
 from jdcl_ray.checkpoint import model_from_state
 from jdcl_ray.config import Config, load_config, merge
 from jdcl_ray.data import RunData, prepare_data
-from jdcl_ray.engine import embed, embed_training_set
+from jdcl_ray.engine import embed, embed_training_set, pixel_rows
 from jdcl_ray.errors import UserError
 from jdcl_ray.ood import OOD_SCORE
 
@@ -133,12 +133,10 @@ def run_config(study: Study, ratio: float, seed: int, method_overrides: dict[str
     return load_config(study.base, values)
 
 
-def _pixels(data: RunData) -> np.ndarray:
-    return data.train.images.flatten(1).float().numpy() / 255.0
-
-
 def kmeans_pixels(data: RunData, num_clusters: int, seed: int) -> dict[str, Any]:
-    clusters = KMeans(num_clusters, n_init=10, random_state=seed).fit_predict(_pixels(data))
+    clusters = KMeans(num_clusters, n_init=10, random_state=seed).fit_predict(
+        pixel_rows(data.train.images)
+    )
     return _scores(data, clusters, num_clusters)
 
 
@@ -153,7 +151,7 @@ def umap_gmm_pixels(data: RunData, num_clusters: int, seed: int) -> dict[str, An
         ) from None
     embedding = umap.UMAP(
         n_components=num_clusters, n_neighbors=20, min_dist=0.0, random_state=seed
-    ).fit_transform(_pixels(data))
+    ).fit_transform(pixel_rows(data.train.images))
     mixture = GaussianMixture(num_clusters, covariance_type="full", random_state=seed)
     return _scores(data, mixture.fit_predict(embedding), num_clusters)
 
@@ -229,7 +227,7 @@ def ood_run(study: Study, seed: int) -> dict[str, Any]:
     scores_in = ood.score(OOD_SCORE, fitted, embed(model, reduced.eval.images, device)["features"])
     ood_out = embed(model, ood_images.images, device)
     features = torch.nn.functional.normalize(ood_out["features"], dim=1).numpy()
-    pixels = ood_images.images.flatten(1).float().numpy() / 255.0
+    pixels = pixel_rows(ood_images.images)
     ood_labels = ood_images.labels
     on_features = KMeans(len(held), n_init=10, random_state=seed).fit_predict(features)
     on_pixels = KMeans(len(held), n_init=10, random_state=seed).fit_predict(pixels)
