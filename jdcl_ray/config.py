@@ -6,6 +6,7 @@ Every mistake stops with one line naming the dotted key and the value (a ``UserE
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,6 +102,10 @@ class ModelConfig:
     init: str = "random"
     init_heads: bool = False
     freeze_backbone_epochs: int = 0  # the backbone stays as initialised for these epochs
+    # The share of the clustering head's gradient that reaches the backbone: 1 trains both
+    # networks through it (the paper's); 0 lets the head follow the features without shaping
+    # them, so that a merge can't pull the features of two classes together (ours, README).
+    clustering_backbone_grad: float = 1.0
 
     def validate(self) -> None:
         check(self.num_clusters >= 2, "model.num_clusters", self.num_clusters, ">= 2")
@@ -110,6 +115,12 @@ class ModelConfig:
             "model.freeze_backbone_epochs",
             self.freeze_backbone_epochs,
             ">= 0",
+        )
+        check(
+            0.0 <= self.clustering_backbone_grad <= 1.0,
+            "model.clustering_backbone_grad",
+            self.clustering_backbone_grad,
+            "a number in [0, 1]",
         )
         for name in ("width", "projection_hidden", "projection_dim", "cluster_hidden"):
             value = getattr(self, name)
@@ -131,6 +142,7 @@ class LossConfig:
     neighbours: int = 20  # k of the mined nearest neighbours
     size_prior_weight: float = 2.0  # weight of KL(mean assignment ‖ floored own sizes)
     size_prior_floor: float = 0.2  # the floor, as a fraction of 1/K
+    size_prior_ceiling: float = math.inf  # the ceiling, as a multiple of 1/K
     ot_penalty: float = 1.0  # KL penalty on the transported cluster sizes
     ot_epsilon: float = 0.1  # entropic regularisation of the transport
     ot_initial_mass: float = 0.2  # mass transported at the first clustering epoch, grown to 1
@@ -163,6 +175,12 @@ class LossConfig:
         check(self.refresh_every >= 1, "loss.refresh_every", self.refresh_every, ">= 1")
         check(self.neighbours >= 1, "loss.neighbours", self.neighbours, ">= 1")
         check(self.size_prior_weight >= 0, "loss.size_prior_weight", self.size_prior_weight, ">= 0")
+        check(
+            self.size_prior_ceiling >= 1,
+            "loss.size_prior_ceiling",
+            self.size_prior_ceiling,
+            ">= 1 (a multiple of 1/K; .inf for none)",
+        )
         check(
             0 <= self.size_prior_floor <= 1,
             "loss.size_prior_floor",

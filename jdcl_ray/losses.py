@@ -196,11 +196,12 @@ def size_prior_kl(assignments: Tensor, prior: Tensor) -> Tensor:
         return (mean * (mean.log() - prior.to(mean).clamp_min(_EPS).log())).sum()
 
 
-def floored_prior(proportions: Tensor, floor: float) -> Tensor:
-    """π̃ = max(π, floor / K), renormalised and detached: a size prior no cluster falls below."""
+def bounded_prior(proportions: Tensor, floor: float, ceiling: float = math.inf) -> Tensor:
+    """π̃ = clamp(π, floor / K, ceiling / K), renormalised and detached: a size prior no cluster
+    falls below, and none grows past (a cluster that swallows its neighbours is pushed back)."""
     k = proportions.shape[0]
-    floored = proportions.detach().clamp_min(floor / k)
-    return floored / floored.sum()
+    bounded = proportions.detach().clamp(floor / k, ceiling / k)
+    return bounded / bounded.sum()
 
 
 def neighbour_consistency(assignments: Tensor, neighbour_assignments: Tensor) -> Tensor:

@@ -237,6 +237,13 @@ def use_global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def scale_gradient(x: Tensor, scale: float) -> Tensor:
+    """x in the forward pass; its gradient times ``scale`` in the backward pass (0: detached)."""
+    if scale == 1.0:
+        return x
+    return x.detach() + scale * (x - x.detach())
+
+
 class JointOutput(NamedTuple):
     features: Tensor  # h = f(x), (n, d)
     projections: Tensor  # z = normalize(g(h)), (n, 128)
@@ -257,9 +264,11 @@ class JointModel(nn.Module):
         projection_dim: int = 128,
         cluster_hidden: int = 100,
         pooling_momentum: float = 0.1,
+        clustering_backbone_grad: float = 1.0,
     ) -> None:
         super().__init__()
         self.backbone, num_features = build_backbone(backbone, in_channels, width)
+        self.clustering_backbone_grad = clustering_backbone_grad
         self.projection = ProjectionHead(num_features, projection_hidden, projection_dim)
         self.clustering = ClusteringHead(num_features, num_clusters, cluster_hidden)
         self.pooling = StatisticsPooling(num_clusters, num_features, pooling_momentum)
@@ -267,7 +276,9 @@ class JointModel(nn.Module):
 
     def forward(self, images: Tensor) -> JointOutput:
         features = self.backbone(images)
-        assignments, hidden = self.clustering(features)
+        assignments, hidden = self.clustering(
+            scale_gradient(features, self.clustering_backbone_grad)
+        )
         return JointOutput(features, self.projection(features), assignments, hidden)
 
 
@@ -283,5 +294,6 @@ def build_model(config: Config, in_channels: int) -> JointModel:
         projection_dim=m.projection_dim,
         cluster_hidden=m.cluster_hidden,
         pooling_momentum=config.loss.pooling_momentum,
+        clustering_backbone_grad=m.clustering_backbone_grad,
     )
     return use_global_batchnorm(model)

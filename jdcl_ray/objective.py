@@ -20,9 +20,9 @@ from torch import Tensor
 from jdcl_ray.config import Config
 from jdcl_ray.errors import UserError
 from jdcl_ray.losses import (
+    bounded_prior,
     dcl_terms,
     ddc_loss,
-    floored_prior,
     mixture_responsibilities,
     neighbour_consistency,
     pooled_tau_plus,
@@ -176,7 +176,8 @@ def _ddc(batch: GlobalBatch, pooled: PooledStatistics, state: State, config: Con
 
 
 def _size_prior(batch: GlobalBatch, pooled: PooledStatistics, config: Config) -> Tensor:
-    prior = floored_prior(pooled.proportions, config.loss.size_prior_floor)
+    loss = config.loss
+    prior = bounded_prior(pooled.proportions, loss.size_prior_floor, loss.size_prior_ceiling)
     return size_prior_kl(batch.anchors(batch.assignments), prior)
 
 

@@ -36,6 +36,7 @@ def test_overrides_apply_with_yaml_types():
         (["loss.tau_plus=-0.1"], "loss.tau_plus", "-0.1"),
         (["data.imbalance_ratio=0.5"], "data.imbalance_ratio", "0.5"),
         (["model.num_clusters=1"], "model.num_clusters", "1"),
+        (["model.clustering_backbone_grad=1.5"], "model.clustering_backbone_grad", "1.5"),
         (["run.workers=0"], "run.workers", "0"),
         (["optim.batch_size=255", "run.workers=2"], "optim.batch_size", "255"),
         (["loss.prior=adaptive"], "loss.prior", "adaptive"),

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from jdcl_ray.losses import (
+    bounded_prior,
     dcl_loss,
     dcl_terms,
     ddc_loss,
-    floored_prior,
     mixture_responsibilities,
     neighbour_consistency,
     pooled_tau_plus,
@@ -438,13 +438,13 @@ def test_size_prior_kl_is_the_kl_and_with_a_uniform_prior_scans_entropy():
     assert float(size_prior_kl(a, uniform)) == pytest.approx(-entropy + math.log(4), rel=1e-12)
 
 
-def test_floored_prior_lifts_small_clusters_to_the_floor():
-    prior = floored_prior(torch.tensor([0.9, 0.1, 0.0, 0.0]), floor=0.2)
+def test_bounded_prior_lifts_small_clusters_to_the_floor():
+    prior = bounded_prior(torch.tensor([0.9, 0.1, 0.0, 0.0]), floor=0.2)
     assert float(prior.sum()) == pytest.approx(1.0)
     assert float(prior.min()) == pytest.approx(
         0.05 / float(torch.tensor([0.9, 0.1, 0.05, 0.05]).sum())
     )
-    assert torch.equal(floored_prior(torch.full((4,), 0.25), 0.2), torch.full((4,), 0.25))
+    assert torch.equal(bounded_prior(torch.full((4,), 0.25), 0.2), torch.full((4,), 0.25))
 
 
 def test_neighbour_consistency_is_scans_formula():
@@ -532,3 +532,15 @@ def test_mixture_responsibilities_are_bayes_rule_on_diagonal_gaussians():
                 joint.append((float(pi[k]) * float(density)) ** sharpen)
             for k in range(2):
                 assert float(r[i, k]) == pytest.approx(joint[k] / sum(joint), rel=1e-9)
+
+
+def test_bounded_prior_pushes_a_swallowing_cluster_back_under_the_ceiling():
+    proportions = torch.tensor([0.7, 0.2, 0.06, 0.04])
+    prior = bounded_prior(proportions, floor=0.2, ceiling=2.0)  # share at most 2/K = 0.5
+    naive = torch.tensor([0.5, 0.2, 0.06, 0.05])
+    torch.testing.assert_close(prior, naive / naive.sum())
+    a = proportions.repeat(64, 1).requires_grad_(True)  # the mean assignment is the proportions
+    # The KL now pulls the big cluster's share down and the others' up.
+    size_prior_kl(a, prior).backward()
+    assert a.grad[:, 0].mean() > a.grad[:, 1:].mean(0).max()
+    torch.testing.assert_close(bounded_prior(proportions, 0.0), proportions)  # no bound

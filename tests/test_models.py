@@ -73,3 +73,23 @@ def test_global_batchnorm_equals_batchnorm_on_one_worker():
     x = torch.randn(8, 1, 6, 6)
     torch.testing.assert_close(converted(x), plain(x))
     torch.testing.assert_close(converted[1].running_var, plain[1].running_var)
+
+
+def _backbone_grads(scale: float) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    torch.manual_seed(0)
+    model = JointModel("small_cnn", 1, num_clusters=4, clustering_backbone_grad=scale)
+    out = model(torch.rand(6, 1, 8, 8))
+    (out.assignments * torch.arange(4.0)).sum().backward()  # the clustering network's loss only
+    return out.assignments.detach(), [p.grad for p in model.backbone.parameters()]
+
+
+def test_clustering_backbone_grad_scales_only_what_the_head_sends_to_the_backbone():
+    joint, full = _backbone_grads(1.0)
+    half_assignments, half = _backbone_grads(0.5)
+    detached_assignments, none = _backbone_grads(0.0)
+    torch.testing.assert_close(half_assignments, joint)  # the forward pass is unchanged
+    torch.testing.assert_close(detached_assignments, joint)
+    assert any(g.abs().sum() > 0 for g in full)
+    for g_full, g_half in zip(full, half, strict=True):
+        torch.testing.assert_close(g_half, 0.5 * g_full)
+    assert all(g is None or not g.any() for g in none)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from jdcl_ray.config import Config
-from jdcl_ray.losses import ddc_loss, floored_prior
+from jdcl_ray.losses import bounded_prior, ddc_loss
 from jdcl_ray.models import PooledStatistics
 from jdcl_ray.objective import ClusteringObjective, GlobalBatch, State, register
 
@@ -33,7 +33,7 @@ def weighted_l2(assignments: Tensor, weights: Tensor) -> Tensor:
 def prior_weights(proportions: Tensor, gamma: float) -> Tensor:
     """w_k = (K·π_k)^(−γ) of (K,) cluster proportions π, floored and renormalised, detached."""
     k = len(proportions)
-    return (k * floored_prior(proportions.float(), MIN_PROPORTION * k)) ** (-gamma)
+    return (k * bounded_prior(proportions.float(), MIN_PROPORTION * k)) ** (-gamma)
 
 
 def ddc_terms(assignments: Tensor, hidden: Tensor, l2_weights: Tensor | None) -> dict[str, Tensor]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from jdcl_ray import objective
-from jdcl_ray.config import from_dict
-from jdcl_ray.models import StatisticsPooling
+from jdcl_ray.config import Config, from_dict
+from jdcl_ray.models import ClusteringHead, StatisticsPooling
 
 CLUSTERS, DIM, STEPS, EPOCH_STEPS, BATCH = 10, 16, 300, 50, 256
 
@@ -36,56 +36,80 @@ def blobs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(points), torch.cat(labels)
 
 
+def fit_head(
+    points: torch.Tensor,
+    views: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    config: Config,
+    steps: int,
+    epoch_steps: int,
+    lr: float,
+    hidden: int = 100,
+) -> torch.Tensor:
+    """Train a clustering head on fixed ``points`` (N, F) with ``config``'s objective alone:
+    ``views(rows, generator)`` gives the (B, 2, F) two views of a batch's rows; the objective's
+    refresh every ``epoch_steps`` steps, the statistics pooling block updated from the head.
+    Returns the clusters of ``points``: the engine's loop without the backbone."""
+    num_clusters, dim = config.model.num_clusters, points.shape[1]
+    torch.manual_seed(config.run.seed)
+    head = ClusteringHead(dim, num_clusters, hidden)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    pooling = StatisticsPooling(num_clusters, dim, 0.1, reduce=lambda t: t)
+    chosen = objective.clustering_objective(config.loss.clustering)
+    state = chosen.initial_state(len(points), num_clusters, dim)
+    generator = torch.Generator().manual_seed(config.run.seed)
+    batch_size = config.optim.batch_size
+    for step in range(steps):
+        epoch = step // epoch_steps
+        if step % epoch_steps == 0 and objective.refresh_due(config, epoch):
+            with torch.no_grad():
+                head.eval()
+                everything = head(points)[0]
+                head.train()
+            refreshed = chosen.refresh(
+                objective.TrainingSet(points, everything),
+                state,
+                pooling.statistics(),
+                config,
+                epoch,
+            )
+            state = refreshed.state
+            if refreshed.pooled is not None:
+                pooling.load_statistics(refreshed.pooled)
+        rows = torch.randint(0, len(points), (batch_size,), generator=generator)
+        pair = views(rows, generator)
+        a, h = head(pair.reshape(2 * batch_size, dim))
+        batch = objective.GlobalBatch(
+            projections=pair,
+            assignments=a.reshape(batch_size, 2, num_clusters),
+            hidden=h.reshape(batch_size, 2, -1),
+            features=pair,
+            indices=rows,
+        )
+        terms = chosen.compute(batch, pooling.statistics(), state, config, epoch)
+        pooling.update(a, pair.reshape(2 * batch_size, dim))
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+    with torch.no_grad():
+        head.eval()
+        return head(points)[0].argmax(1)
+
+
 def train(name: str, seed: int) -> dict:
     x, y = blobs(seed)
     config = from_dict(
         {
             "model": {"num_clusters": CLUSTERS},
-            "run": {"epochs": STEPS // EPOCH_STEPS},
+            "run": {"epochs": STEPS // EPOCH_STEPS, "seed": seed},
+            "optim": {"batch_size": BATCH},
             "loss": {"clustering": name, "clustering_warmup_epochs": 0, "refresh_every": 1},
         },
     )
-    torch.manual_seed(seed)
-    hidden = nn.Sequential(nn.Linear(DIM, 32), nn.ReLU(), nn.BatchNorm1d(32))
-    logits = nn.Linear(32, CLUSTERS)
-    optimizer = torch.optim.Adam([*hidden.parameters(), *logits.parameters()], lr=1e-2)
-    pooling = StatisticsPooling(CLUSTERS, DIM, 0.1, reduce=lambda t: t)
-    chosen = objective.clustering_objective(name)
-    state = chosen.initial_state(len(x), CLUSTERS, DIM)
-    generator = torch.Generator().manual_seed(seed)
-    for step in range(STEPS):
-        epoch = step // EPOCH_STEPS
-        if step % EPOCH_STEPS == 0 and objective.refresh_due(config, epoch):
-            with torch.no_grad():
-                hidden.eval()
-                everything = torch.softmax(logits(hidden(x)), 1)
-                hidden.train()
-            refreshed = chosen.refresh(
-                objective.TrainingSet(x, everything), state, pooling.statistics(), config, epoch
-            )
-            state = refreshed.state
-            if refreshed.pooled is not None:
-                pooling.load_statistics(refreshed.pooled)
-        rows = torch.randint(0, len(x), (BATCH,), generator=generator)
-        noise = torch.randn(BATCH, 2, DIM, generator=generator)
-        views = x[rows][:, None] + 0.3 * noise
-        h = hidden(views.reshape(2 * BATCH, DIM))
-        a = torch.softmax(logits(h), 1)
-        batch = objective.GlobalBatch(
-            projections=views,
-            assignments=a.reshape(BATCH, 2, CLUSTERS),
-            hidden=h.reshape(BATCH, 2, -1),
-            features=views,
-            indices=rows,
-        )
-        terms = chosen.compute(batch, pooling.statistics(), state, config, epoch)
-        pooling.update(a, views.reshape(2 * BATCH, DIM))
-        optimizer.zero_grad()
-        terms["total"].backward()
-        optimizer.step()
-    with torch.no_grad():
-        hidden.eval()
-        clusters = logits(hidden(x)).argmax(1)
+
+    def noisy(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return x[rows][:, None] + 0.3 * torch.randn(len(rows), 2, DIM, generator=generator)
+
+    clusters = fit_head(x, noisy, config, STEPS, EPOCH_STEPS, lr=1e-2, hidden=32)
     found = []
     for blob in range(CLUSTERS):
         members = clusters[y == blob]
