@@ -144,7 +144,9 @@ def read_assignments(path: str | Path | io.BytesIO) -> dict[str, np.ndarray]:
 
 def model_from_state(state: dict[str, Any]) -> JointModel:
     """The model of a training state (``load_state``'s, or the one ``engine.fit`` reports)."""
-    model = build_model(from_dict(state["config"]), int(state["in_channels"]))
+    model = build_model(
+        from_dict(state["config"]), int(state["in_channels"]), int(state["image_side"])
+    )
     model.load_state_dict(state["model"])
     return model
 

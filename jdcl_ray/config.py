@@ -18,6 +18,7 @@ import yaml
 from jdcl_ray.errors import UserError
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+EVAL_SPLITS = ("auto", "test", "train", "none")
 
 
 @dataclass(frozen=True)
@@ -65,21 +66,29 @@ def check(ok: bool, key: str, value: Any, expected: str) -> None:
 class DataConfig:
     name: str = "digits"
     root: str | None = None
-    imbalance_ratio: float = 10.0
+    # null: every image as it is; a number draws a long tail of that ratio (the benchmarks').
+    imbalance_ratio: float | None = None
     profile: str = "exp"
     seed: int = 0
-    eval_split: str = "test"
+    # auto: the test split when the source has one, else the training images (logged as such).
+    eval_split: str = "auto"
+    # null: the images' own size; mixed sizes: their median shorter side, at most 128 px
     image_size: int | None = None
     download: bool = False
 
     def validate(self) -> None:
-        check(self.imbalance_ratio >= 1, "data.imbalance_ratio", self.imbalance_ratio, ">= 1")
+        check(
+            self.imbalance_ratio is None or self.imbalance_ratio >= 1,
+            "data.imbalance_ratio",
+            self.imbalance_ratio,
+            "null (every image) or >= 1",
+        )
         check(self.profile in ("exp", "step"), "data.profile", self.profile, "'exp' or 'step'")
         check(
-            self.eval_split in ("test", "train", "none"),
+            self.eval_split in EVAL_SPLITS,
             "data.eval_split",
             self.eval_split,
-            "'test', 'train' or 'none'",
+            "'auto', 'test', 'train' or 'none'",
         )
         check(
             self.image_size is None or self.image_size >= 4,
@@ -91,7 +100,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "small_cnn"
+    backbone: str = "auto"  # auto: small_cnn up to 32 px, resnet18 above (models.py)
     num_clusters: int = 10
     width: int = 32
     projection_hidden: int = 512

@@ -140,7 +140,8 @@ def start_training(
     torch.manual_seed(config.run.seed)
     steps_per_epoch = len(data.train.images) // config.optim.batch_size  # >= 1: prepare_data
     # channels-last: faster convolutions on GPU (tensor cores) and on CPU (oneDNN) alike.
-    model = build_model(config, data.train.images.shape[1])
+    images = data.train.images
+    model = build_model(config, images.shape[1], max(images.shape[-2:]))
     if initial is not None and restored is None:
         apply_initial_weights(model, initial)
     model = model.to(ctx.device, memory_format=torch.channels_last)
@@ -455,7 +456,7 @@ def checkpoint_state(
         "config": training.config.to_dict(),
         "lt_indices": torch.tensor(data.lt_indices),
         "in_channels": int(data.train.images.shape[1]),
-        "image_side": int(data.train.images.shape[-1]),
+        "image_side": int(max(data.train.images.shape[-2:])),
         "ood_threshold": embedded.ood_threshold,
         "ood": embedded.ood_params,
         "centers": None if embedded.centers is None else torch.from_numpy(embedded.centers),
@@ -481,6 +482,8 @@ def fit(
     """
     training = start_training(config, data, ctx, restored, initial)
     run = config.run
+    if ctx.rank == 0:
+        log(f"{data.train.name}: {len(data.train.images)} images, evaluated on {data.evaluated_on}")
     last: dict[str, Any] = {}
     pixels_knn: float | None = None  # computed once, at the first evaluation
     for epoch in range(training.start_epoch, run.epochs):

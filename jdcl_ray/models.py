@@ -60,11 +60,24 @@ BACKBONES: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
 }
 
 
+AUTO_BACKBONE = "auto"
+SMALL_CNN_MAX_SIDE = 32
+
+
+def resolve_backbone(name: str, image_side: int) -> str:
+    """``auto``: the small CNN up to 32 px (fast on a CPU), else a ResNet-18 whose stride-4
+    ImageNet stem brings 64–224 px images down to the sizes its stages were made for."""
+    if name != AUTO_BACKBONE:
+        return name
+    return "small_cnn" if image_side <= SMALL_CNN_MAX_SIDE else "resnet18"
+
+
 def build_backbone(name: str, in_channels: int, width: int = 32) -> tuple[nn.Module, int]:
     """Return the backbone f and its feature size d."""
     if name not in BACKBONES:
         raise UserError(
-            f"model.backbone = {name!r} is unknown: expected one of {sorted(BACKBONES)}"
+            f"model.backbone = {name!r} is unknown: expected {AUTO_BACKBONE} or one of "
+            f"{sorted(BACKBONES)}"
         )
     return BACKBONES[name](in_channels, width)
 
@@ -282,11 +295,12 @@ class JointModel(nn.Module):
         return JointOutput(features, self.projection(features), assignments, hidden)
 
 
-def build_model(config: Config, in_channels: int) -> JointModel:
-    """The joint model a config describes, with batch norm over the global batch."""
+def build_model(config: Config, in_channels: int, image_side: int) -> JointModel:
+    """The joint model a config describes for these images, with batch norm over the global
+    batch."""
     m = config.model
     model = JointModel(
-        m.backbone,
+        resolve_backbone(m.backbone, image_side),
         in_channels,
         m.num_clusters,
         width=m.width,

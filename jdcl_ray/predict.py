@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jdcl_ray import ood, tracking
+from jdcl_ray import cli, ood, storage, tracking
 from jdcl_ray.assign import assign
 from jdcl_ray.checkpoint import TrainedModel, load_model
 from jdcl_ray.data import IMAGE_EXTENSIONS, decode_images, parquet_image_bytes
@@ -254,34 +254,18 @@ def default_device() -> torch.device:
 # --- command line ----------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jdcl_ray.predict", description=__doc__)
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="checkpoint folder, training run folder, MLflow run id or models:/NAME/VERSION",
-    )
-    parser.add_argument(
-        "--data", required=True, type=Path, help="folder of images or Parquet table"
-    )
-    parser.add_argument("--output", default="predictions.parquet", help="Parquet file to write")
-    parser.add_argument("--image-column", default="image", help="Parquet column of image bytes")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per chunk")
-    parser.add_argument(
-        "--embeddings", action="store_true", help="also write each image's L2-normalised features"
-    )
-    parser.add_argument(
-        "--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)"
-    )
-    parser.add_argument("--address", help="run as Ray Data jobs on this Ray cluster")
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    return run(cli.parse("predict", argv))
+
+
+def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    if storage.exists(args.output) and not args.overwrite:
+        raise UserError(
+            f"--output {args.output} already exists: pass --overwrite to replace it, or choose "
+            "another file"
+        )
     checkpoint = tracking.resolve_checkpoint(
         args.model, args.tracking_uri or tracking.default_tracking_uri()
     )

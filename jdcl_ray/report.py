@@ -21,7 +21,7 @@ import torch
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 
-from jdcl_ray import storage, tracking
+from jdcl_ray import cli, storage, tracking
 from jdcl_ray.checkpoint import ASSIGNMENTS_FILE, load_model, read_assignments
 from jdcl_ray.data import prepare_data
 from jdcl_ray.engine import embed
@@ -126,7 +126,9 @@ def plot_embedding_map(
     for axis, (name, values) in zip(np.atleast_1d(axes), colourings, strict=True):
         values = values[keep]
         cmap = "tab10" if values.max() < 10 else "tab20" if values.max() < 20 else "nipy_spectral"
-        axis.scatter(points[:, 0], points[:, 1], c=values, cmap=cmap, s=6, linewidths=0)
+        dots = axis.scatter(points[:, 0], points[:, 1], c=values, cmap=cmap, s=6, linewidths=0)
+        handles, names = dots.legend_elements(num=None)  # one entry per cluster / class
+        axis.legend(handles, names, title=name, fontsize=6, title_fontsize=7, loc="best")
         axis.set_title(f"t-SNE of the features, by {name}")
         axis.set_xticks([])
         axis.set_yticks([])
@@ -224,15 +226,10 @@ def run_report(run_id: str, tracking_uri: str, folder: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jdcl_ray.report", description=__doc__)
-    parser.add_argument(
-        "--run", required=True, help="MLflow run id of a trial (or a search), or a run folder"
-    )
-    parser.add_argument("--output", type=Path, help="folder for the PNGs (default report-RUN)")
-    parser.add_argument(
-        "--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)"
-    )
-    args = parser.parse_args(argv)
+    return run(cli.parse("report", argv))
+
+
+def run(args: argparse.Namespace) -> int:
     folder = args.output or Path(f"report-{Path(args.run).name[:8]}")
     uri = args.tracking_uri or tracking.default_tracking_uri()
     paths = run_report(args.run, uri, folder)

@@ -38,7 +38,7 @@ def summarize(
     console.print(trials_table(rows, space))
     best = best_trial(results, space.search)
     if best is None:
-        console.print("no trial reported the search metric")
+        console.print(f"no trial finished without error and reported {metric}")
         return None
     best_metrics = tracking.scalar_metrics(best.metrics)
     tracked("the best trial's summary", lambda: log_best(client, parent_run_id, best, best_metrics))
@@ -93,12 +93,16 @@ def trials_table(rows: list[dict[str, Any]], space: SearchSpace) -> Table:
 
 
 def best_trial(results: Any, search: SearchConfig) -> Any | None:
-    """The trial whose last report is best by the search metric, if any reported it."""
-    try:
-        best = results.get_best_result(search.metric, search.mode, scope="last")
-    except RuntimeError:
+    """The trial without error whose last report is best by the search metric, if any."""
+    candidates = [
+        result
+        for result in results
+        if result.error is None and search.metric in (result.metrics or {})
+    ]
+    if not candidates:
         return None
-    return best if best.metrics is not None else None
+    pick = max if search.mode == "max" else min
+    return pick(candidates, key=lambda result: result.metrics[search.metric])
 
 
 def log_best(client: Any, parent_run_id: str, best: Any, best_metrics: dict[str, float]) -> None:

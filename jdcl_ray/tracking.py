@@ -9,6 +9,8 @@ them instead of opening duplicates. With no tracking server, MLflow writes ``mlf
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -18,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
 
 from jdcl_ray import storage
 from jdcl_ray.checkpoint import find_checkpoint
@@ -166,6 +170,42 @@ def run_tags(config: Config) -> dict[str, str]:
         "world_size": str(config.run.workers),
         "git_revision": git_revision(),
     }
+
+
+def dataset_digest(name: str, root: str | None, indices: Any) -> str:
+    """The same for two runs on the same draw of the same source, and only for them."""
+    digest = hashlib.sha256(f"{name}\0{root}\0".encode())
+    digest.update(bytes(memoryview(indices.astype("<i8"))))
+    return digest.hexdigest()[:12]
+
+
+def log_dataset(client: Any, run_id: str, config: Config, data: Any) -> None:
+    """The run's training images as an MLflow dataset input (the runs table's Dataset column):
+    source, size, per-class counts when labelled, what evaluation used, a digest of the draw."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import CodeDatasetSource, LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    cfg, train = config.data, data.train
+    if cfg.root is None:  # a built-in set at its default place
+        source = CodeDatasetSource({"loader": f"jdcl_ray.data:{cfg.name}"})
+    else:
+        root = cfg.root if "://" in cfg.root else str(Path(cfg.root).resolve())
+        source = LocalArtifactDatasetSource(root)
+    digest = dataset_digest(cfg.name, cfg.root, data.lt_indices)
+    dataset = MetaDataset(source, name=train.name, digest=digest)
+    tags = {
+        "mlflow.data.context": "training",
+        "images": str(len(train.images)),
+        "imbalance_ratio": str(cfg.imbalance_ratio),
+        "evaluated_on": data.evaluated_on,
+    }
+    if train.labels is not None:
+        counts = np.bincount(train.labels, minlength=train.num_classes).tolist()
+        names = train.class_names or [str(label) for label in range(len(counts))]
+        tags["class_counts"] = json.dumps(dict(zip(names, counts, strict=False)))
+    entity = dataset._to_mlflow_entity()
+    client.log_inputs(run_id, [DatasetInput(entity, [InputTag(k, v) for k, v in tags.items()])])
 
 
 def _short_value(value: Any) -> str:

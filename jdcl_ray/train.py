@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from jdcl_ray import objective, storage, tracking
+from jdcl_ray import cli, objective, storage, tracking
 from jdcl_ray.checkpoint import (
     ASSIGNMENTS_FILE,
     CONFIG_FILE,
@@ -195,22 +195,12 @@ def print_summary(metrics: dict[str, Any], output: str) -> None:
     console.print(f"metrics: {storage.join(output, METRICS_FILE)}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jdcl_ray.train", description=__doc__)
-    parser.add_argument("--config", type=Path, help="YAML training config (configs/*.yaml)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set loss.temperature=0.2 (repeatable)",
-    )
-    parser.add_argument("--output", help="run folder or s3:// URI (default: run.output_dir)")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the stopped run in --output"
-    )
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    return parser.parse_args(argv)
+def data_overrides(data: str | None) -> list[str]:
+    """``--data PATH``: a user's folder of images, or a ``.parquet`` table, as it is."""
+    if data is None:
+        return []
+    kind = "parquet" if data.endswith(".parquet") else "folder"
+    return [f"data.name={kind}", f"data.root={data}"]
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[Config, str]:
@@ -224,9 +214,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, str]:
             raise UserError(f"--resume: {saved} does not exist: expected the folder of a run")
         values = yaml.safe_load(storage.read_text(saved))
         return load_config(None, merge(values, parse_overrides(args.set))), output
-    if args.config is None:
-        raise UserError("--config is required: e.g. --config configs/digits_lt.yaml")
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, data_overrides(args.data) + args.set)
     output = storage.resolve(args.output or config.run.output_dir)
     if storage.exists(storage.join(output, TRAIN_DIR)):
         raise UserError(
@@ -237,7 +225,10 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(cli.parse("train", argv))
+
+
+def run(args: argparse.Namespace) -> int:
     config, output = resolve_run(args)
     objective.loss_terms(config)  # an unknown loss.clustering fails here, before Ray starts
     config, initial = initial_weights(config, tracking.default_tracking_uri())

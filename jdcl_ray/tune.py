@@ -32,7 +32,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
-from jdcl_ray import objective, storage, tracking
+from jdcl_ray import cli, objective, storage, tracking
 from jdcl_ray.checkpoint import (
     ASSIGNMENTS_FILE,
     METRICS_FILE,
@@ -43,7 +43,7 @@ from jdcl_ray.checkpoint import (
     saved_checkpoints,
 )
 from jdcl_ray.config import Config, save_config
-from jdcl_ray.data import prepare_data
+from jdcl_ray.data import RunData, check_fits, prepare_data
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.report import assignment_plots
 from jdcl_ray.runtime import TRIAL_RESOURCE, TRIAL_SHARE, init_ray, search_concurrency
@@ -151,7 +151,7 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
     data = prepare_data(config)
     save_run_inputs(config, data.lt_indices, output)
     if created:
-        log_inputs(client, run_id, config, data.lt_indices)
+        log_inputs(client, run_id, config, data)
     callback = TrialReportCallback(context.space.search.metric, context.tracking_uri, run_id)
     resume_state = newest_saved_state(output)
     if resume_state is not None:
@@ -165,12 +165,14 @@ def run_trial(params: dict[str, Any], context: SearchContext) -> None:
     storage.write_text(final_metrics, json.dumps(final, indent=2))
 
 
-def log_inputs(client: Any, run_id: str, config: Config, lt_indices: np.ndarray) -> None:
-    """The trial's resolved config and long-tail draw, as artifacts of its new run."""
+def log_inputs(client: Any, run_id: str, config: Config, data: RunData) -> None:
+    """The trial's resolved config and long-tail draw, as artifacts of its new run, and its
+    data as the run's dataset input."""
     with tempfile.TemporaryDirectory() as folder:
         save_config(config, Path(folder) / "config.yaml")
-        np.save(Path(folder) / "lt_indices.npy", lt_indices)
+        np.save(Path(folder) / "lt_indices.npy", data.lt_indices)
         tracked("the trial's config", lambda: client.log_artifacts(run_id, folder))
+    tracked("the trial's dataset", lambda: tracking.log_dataset(client, run_id, config, data))
 
 
 def log_resume(
@@ -317,29 +319,6 @@ def latest_search(location: str, name: str) -> str:
     return found[-1]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m jdcl_ray.tune", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--space", type=Path, required=True, help="search space (tune_spaces/*.yaml)"
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
-    )
-    parser.add_argument(
-        "--storage",
-        default="tune_results",
-        help="Tune state and checkpoints: a folder every node sees, or s3://BUCKET/PATH",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="finish the newest stopped search of --space"
-    )
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    return parser.parse_args(argv)
-
-
 def open_search(
     args: argparse.Namespace, space: SearchSpace, client: Any, uri: str
 ) -> tuple[SearchContext, str]:
@@ -407,14 +386,40 @@ def check_objectives(space: SearchSpace, path: Path) -> None:
             raise UserError(f"{path}: {error}") from None
 
 
+def check_data(space: SearchSpace, path: Path) -> RunData:
+    """Read the data once in the driver, so that what every trial would fail on (a batch larger
+    than the images, a missing test split) stops the search in one line before Ray starts."""
+    try:
+        data = prepare_data(space.trial_config({}))
+        for parameter in space.parameters:
+            if parameter.key in ("optim.batch_size", "model.num_clusters"):
+                options = parameter.distribution in ("choice", "grid")
+                largest = max(parameter.values if options else parameter.values[:2])
+                check_fits(space.trial_config({parameter.key: largest}), data.train)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(cli.parse("tune", argv))
+
+
+def run(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     check_objectives(space, args.space)
+    data = check_data(space, args.space)
     uri = args.tracking_uri or tracking.default_tracking_uri()
     initial_weights(space.trial_config({}), uri)  # a bad model.init fails before Ray starts
     client = tracking.connect(uri)
     context, folder = open_search(args, space, client, uri)
+    if not args.resume:
+        tracked(
+            "the search's dataset",
+            lambda: tracking.log_dataset(
+                client, context.parent_run_id, space.trial_config({}), data
+            ),
+        )
     # Tune checks the metric in every result; ours skip it on epochs without evaluation
     # (space.py checks the metric's name instead). Save Tune's state often: a killed driver
     # then loses at most a second of the search's bookkeeping.
@@ -437,22 +442,27 @@ def main(argv: list[str] | None = None) -> int:
     results = run_search(tuner, client, context)
     if results is None:
         raise UserError(
-            f"search stopped before it finished: continue it with python -m jdcl_ray.tune "
+            f"search stopped before it finished: continue it with jdcl-tune "
             f"--space {args.space} --storage {args.storage} --resume"
         )
     best = summarize(results, space, client, context.parent_run_id, folder)
-    if best is not None:
-        registered = tracked(
-            "the best model", lambda: register_best(client, context, str(best["trial_id"]))
+    if best is None:
+        tracked(
+            "the search's end", lambda: tracking.set_status(client, context.parent_run_id, "FAILED")
         )
-        if registered:
-            tracked(
-                "the registered model's name",
-                lambda: client.set_tag(context.parent_run_id, "registered_model", registered),
-            )
-            print(
-                f"best model: {registered}  (python -m jdcl_ray.predict --model {registered} ...)"
-            )
+        raise UserError(
+            f"search failed: none of its {len(results)} trials finished without error; their "
+            f"errors are in {folder}"
+        )
+    registered = tracked(
+        "the best model", lambda: register_best(client, context, str(best["trial_id"]))
+    )
+    if registered:
+        tracked(
+            "the registered model's name",
+            lambda: client.set_tag(context.parent_run_id, "registered_model", registered),
+        )
+        print(f"best model: {registered}  (jdcl-predict --model {registered} ...)")
     tracked(
         "the search's end", lambda: tracking.set_status(client, context.parent_run_id, "FINISHED")
     )

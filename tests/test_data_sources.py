@@ -28,6 +28,7 @@ from jdcl_ray.data import (
     load_mnist,
     load_parquet,
     load_stl10,
+    mixed_size_side,
 )
 from jdcl_ray.errors import UserError
 
@@ -323,13 +324,14 @@ def test_flat_grey_folder(tmp_path):
     assert all(np.array_equal(as_rgb.images[0, c].numpy(), first) for c in range(3))
 
 
-def test_folder_resize_and_size_mismatch(tmp_path):
+def test_folder_of_mixed_sizes_is_resized_to_the_median_shorter_side(tmp_path):
     save_png(tmp_path / "a.png", pixels(4, 4, 3))
     save_png(tmp_path / "b.png", pixels(6, 5, 3))
-    with pytest.raises(UserError, match=at(tmp_path / "b.png", r" is 5x6")):
-        load_image_folder(tmp_path)
+    save_png(tmp_path / "c.png", pixels(7, 9, 3))
+    assert load_image_folder(tmp_path).images.shape == (3, 3, 5, 5)  # shorter sides 4, 5, 7
+    assert mixed_size_side([(1000, 800), (640, 480), (300, 200)]) == 128  # photos: capped
     data = load_image_folder(tmp_path, image_size=8)
-    assert data.images.shape == (2, 3, 8, 8)
+    assert data.images.shape == (3, 3, 8, 8)
 
 
 def test_folder_errors_name_the_path(tmp_path):

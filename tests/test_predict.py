@@ -93,7 +93,8 @@ def test_noise_scores_higher_than_digits(trained, tmp_path):
 PEAK_MEMORY = """
 import sys
 from jdcl_ray.predict import main
-main(["--model", sys.argv[1], "--data", sys.argv[2], "--output", sys.argv[3], "--batch-size", "64"])
+main(["--model", sys.argv[1], "--data", sys.argv[2], "--output", sys.argv[3], "--batch-size", "64",
+      "--overwrite"])
 status = open("/proc/self/status").read()
 print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
 """
@@ -172,6 +173,19 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     )
     (tmp_path / "empty").mkdir()
     assert "holds no images" in cli_error(capsys, *model, "--data", str(tmp_path / "empty"))
+
+
+def test_an_existing_output_is_replaced_only_when_asked(trained, tmp_path, capsys):
+    images, _ = training_digits(trained, 4)
+    folder, _ = write_inputs(tmp_path, images)
+    output = tmp_path / "out.parquet"
+    output.write_bytes(b"the user's file")
+    error = cli_error(
+        capsys, "--model", str(trained), "--data", str(folder), "--output", str(output)
+    )
+    assert f"--output {output} already exists: pass --overwrite" in error
+    assert output.read_bytes() == b"the user's file"
+    assert predict(trained, folder, output, "--overwrite").num_rows == 4
 
 
 def test_ray_data_gives_the_same_rows(trained, tmp_path):

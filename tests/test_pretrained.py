@@ -41,7 +41,7 @@ def resnet_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def started(config: Config, in_channels: int, spec: str) -> torch.nn.Module:
-    model = build_model(config, in_channels)
+    model = build_model(config, in_channels, 8)
     weights = read_initial_weights(spec, config.model.init_heads)
     assert weights is not None
     apply_initial_weights(model, weights)
@@ -152,7 +152,7 @@ def train_digits(tmp_path: Path, folder: str, **overrides: object) -> tuple[Conf
 def test_an_earlier_run_gives_its_backbone_and_optionally_its_heads(tmp_path):
     run_config, state = train_digits(tmp_path, "first")
     images = prepare_data(run_config).train.images[:64]
-    earlier = build_model(run_config, 1)
+    earlier = build_model(run_config, 1, 8)
     earlier.load_state_dict(state["model"])
     for heads in (False, True):
         model = started(config(init_heads=heads), 1, str(tmp_path / "first"))
@@ -167,7 +167,7 @@ def test_an_earlier_run_gives_its_backbone_and_optionally_its_heads(tmp_path):
 @pytest.mark.parametrize("frozen", [2, 1])
 def test_freeze_backbone_epochs_leaves_the_backbone_as_initialised(tmp_path, frozen):
     torch.manual_seed(0)
-    first = build_model(config(), 1)
+    first = build_model(config(), 1, 8)
     torch.save({"model": first.state_dict()}, tmp_path / "start.pt")
     _, state = train_digits(
         tmp_path,

@@ -32,6 +32,15 @@ def _open_image(where: str, source: Path | bytes) -> Iterator[Image.Image]:
         ) from error
 
 
+MIXED_SIZE_MAX_SIDE = 128
+
+
+def mixed_size_side(sizes: Sequence[tuple[int, int]]) -> int:
+    """The square side images of mixed sizes are resized to (unless image_size is set): their
+    median shorter side, at most 128 px, so that a folder of photos fits in memory."""
+    return int(min(MIXED_SIZE_MAX_SIDE, np.median([min(size) for size in sizes])))
+
+
 def decode_images(
     sources: Sequence[tuple[str, Path | bytes]], image_size: int | None, channels: int | None
 ) -> torch.Tensor:
@@ -52,14 +61,9 @@ def decode_images(
             headers.append((image.mode, image.size))
     if channels is None:
         channels = 1 if all(mode in _GREY_MODES for mode, _ in headers) else 3
+    if image_size is None and len({size for _, size in headers}) > 1:
+        image_size = mixed_size_side([size for _, size in headers])
     width, height = (image_size, image_size) if image_size else headers[0][1]
-    if image_size is None:
-        for (where, _), (_, size) in zip(sources, headers, strict=True):
-            if size != (width, height):
-                raise UserError(
-                    f"image {where} is {size[0]}x{size[1]} but {sources[0][0]} is "
-                    f"{width}x{height}: expected one size for all images, or set image_size"
-                )
     pixels = np.empty((len(sources), height, width, channels), dtype=np.uint8)
     for index, (where, source) in enumerate(sources):
         with _open_image(where, source) as image:

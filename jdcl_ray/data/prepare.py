@@ -9,7 +9,7 @@ import numpy as np
 from jdcl_ray.config import Config
 from jdcl_ray.data.dataset import ImageDataset
 from jdcl_ray.data.longtail import sample_long_tail
-from jdcl_ray.data.registry import load_dataset
+from jdcl_ray.data.registry import MissingSplit, load_dataset
 from jdcl_ray.errors import UserError
 
 
@@ -19,6 +19,7 @@ class RunData:
     eval: ImageDataset | None  # the configured evaluation split (None: train only)
     lt_indices: np.ndarray  # indices of ``train`` in the source split, saved with the run
     class_order: list[int]  # classes from most to least frequent in ``train``
+    evaluated_on: str = "test"  # what ``eval`` holds, in words for the logs and MLflow
 
 
 def prepare_data(config: Config) -> RunData:
@@ -31,35 +32,60 @@ def prepare_data(config: Config) -> RunData:
         if value not in (None, False)
     }
     source = load_dataset(cfg.name, cfg.root, split="train", **options)
-    if source.labels is None:
-        if cfg.imbalance_ratio != 1:
-            raise UserError(
-                f"config key 'data.imbalance_ratio' = {cfg.imbalance_ratio} needs labels to draw a "
-                f"long-tailed set, but {source.name} has none: set it to 1"
-            )
-        lt_indices = np.arange(len(source.images))
-        class_order: list[int] = []
-    else:
-        lt_indices = sample_long_tail(
-            source.labels, cfg.imbalance_ratio, profile=cfg.profile, seed=cfg.seed
-        )
+    lt_indices = long_tail_indices(source, cfg.imbalance_ratio, cfg.profile, cfg.seed)
+    class_order: list[int] = []
+    if source.labels is not None:
         counts = np.bincount(source.labels[lt_indices], minlength=source.num_classes)
         class_order = [int(c) for c in np.argsort(-counts, kind="stable")]
     train = source.subset(lt_indices)
-    if len(train.images) < config.model.num_clusters:
+    check_fits(config, train)
+    evaluation, evaluated_on = evaluation_split(config, train, options)
+    return RunData(train, evaluation, lt_indices, class_order, evaluated_on)
+
+
+def check_fits(config: Config, train: ImageDataset) -> None:
+    """The clusters and the batch a config asks for fit in the training images."""
+    for key, value in (
+        ("model.num_clusters", config.model.num_clusters),
+        ("optim.batch_size", config.optim.batch_size),
+    ):
+        if len(train.images) < value:
+            raise UserError(
+                f"config key '{key}' = {value} is larger than the {len(train.images)} training "
+                f"images of {train.name}"
+            )
+
+
+def long_tail_indices(
+    source: ImageDataset, imbalance_ratio: float | None, profile: str, seed: int
+) -> np.ndarray:
+    """Every image (ratio null: the data as it is), or a seeded long-tailed draw by class."""
+    if imbalance_ratio is None:
+        return np.arange(len(source.images))
+    if source.labels is None:
         raise UserError(
-            f"config key 'model.num_clusters' = {config.model.num_clusters} is larger than the "
-            f"{len(train.images)} training images of {train.name}"
+            f"config key 'data.imbalance_ratio' = {imbalance_ratio} draws a long tail by class, "
+            f"but {source.name} has no labels: expected null (every image)"
         )
-    if len(train.images) < config.optim.batch_size:
-        raise UserError(
-            f"config key 'optim.batch_size' = {config.optim.batch_size} is larger than the "
-            f"{len(train.images)} training images of {train.name}"
-        )
-    if cfg.eval_split == "test":
-        evaluation = load_dataset(cfg.name, cfg.root, split="test", **options)
-    elif cfg.eval_split == "train":
-        evaluation = train
-    else:
-        evaluation = None
-    return RunData(train, evaluation, lt_indices, class_order)
+    return sample_long_tail(source.labels, imbalance_ratio, profile=profile, seed=seed)
+
+
+def evaluation_split(
+    config: Config, train: ImageDataset, options: dict[str, object]
+) -> tuple[ImageDataset | None, str]:
+    """``data.eval_split``'s images, and what they are in words; ``auto`` falls back to the
+    training images when the source has no test split (a user's folder rarely has one)."""
+    cfg = config.data
+    if cfg.eval_split == "none":
+        return None, "none"
+    if cfg.eval_split == "train":
+        return train, "train"
+    try:
+        return load_dataset(cfg.name, cfg.root, split="test", **options), "test"
+    except MissingSplit as error:
+        if cfg.eval_split == "test":
+            raise UserError(
+                f"config key 'data.eval_split' = 'test' needs a test split, but {error}: "
+                "expected auto or train (evaluate on the training images), or a test split"
+            ) from None
+    return train, "train (the source has no test split)"

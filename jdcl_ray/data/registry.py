@@ -17,6 +17,10 @@ from jdcl_ray.data.stl import load_stl10
 from jdcl_ray.errors import UserError
 
 
+class MissingSplit(UserError):
+    """The source has no such split (a folder without test/, a single Parquet table)."""
+
+
 def _digits_entry(root: str | Path | None, split: str) -> ImageDataset:
     return load_digits(split)  # ships with scikit-learn: root is not needed
 
@@ -29,10 +33,7 @@ def _folder_entry(
     if (folder / split).is_dir():
         folder = folder / split
     elif split != "train":
-        raise UserError(
-            f"image folder {folder} has no {split}/ sub-folder: expected {folder / split}, "
-            "or give the folder of that split as root with split train"
-        )
+        raise MissingSplit(f"image folder {folder} has no {split}/ sub-folder")
     return load_image_folder(folder, image_size, channels)
 
 
@@ -45,10 +46,7 @@ def _parquet_entry(
     channels: int | None = None,
 ) -> ImageDataset:
     if split != "train":
-        raise UserError(
-            f"parquet split {split!r} is not supported: give the file of that split as root "
-            "with split train"
-        )
+        raise MissingSplit(f"a Parquet table {root} is one split, not {split}")
     return load_parquet(root, image_column, label_column, image_size, channels)
 
 
