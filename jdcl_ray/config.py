@@ -17,6 +17,7 @@ import yaml
 
 from jdcl_ray.errors import UserError
 
+PRECISIONS = ("auto", "fp32", "bf16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 EVAL_SPLITS = ("auto", "test", "train", "none")
 
@@ -270,6 +271,11 @@ class RunConfig:
     max_failures: int = 2
     # How Ray places the workers: PACK (fewest nodes), SPREAD, STRICT_SPREAD (one per node).
     placement_strategy: str = "PACK"
+    # auto: bf16 autocast on a GPU, fp32 on a CPU (bf16 matmuls are slower there).
+    precision: str = "auto"
+    # torch.compile the joint model: faster steps on a GPU after a one-off compile (minutes).
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's; aot_eager needs no C++ compiler
 
     def validate(self) -> None:
         check(self.epochs >= 1, "run.epochs", self.epochs, ">= 1")
@@ -285,6 +291,8 @@ class RunConfig:
             self.placement_strategy,
             f"one of {PLACEMENT_STRATEGIES}",
         )
+        check(bool(self.compile_backend), "run.compile_backend", self.compile_backend, "a name")
+        check(self.precision in PRECISIONS, "run.precision", self.precision, f"one of {PRECISIONS}")
 
 
 @dataclass

@@ -84,9 +84,11 @@ def embed(
     return {key: torch.cat(value) for key, value in parts.items()}
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on GPU; on CPU autocast is off (bf16 matmuls are slower there)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
+    """bf16 autocast on GPU; on CPU autocast is off (bf16 matmuls are slower there), unless
+    ``precision`` (run.precision) says otherwise."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -161,6 +163,8 @@ def start_training(
         wrapped = DistributedDataParallel(
             model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
         )
+    if config.run.compile:  # outside DDP, as PyTorch's DDP + compile notes advise
+        wrapped = torch.compile(wrapped, backend=config.run.compile_backend)
     return Training(
         config=config,
         ctx=ctx,
@@ -214,7 +218,7 @@ def train_step(training: Training, views: Tensor, indices: Tensor, epoch: int) -
     its b first views, then its b second views. Returns the loss terms, detached, on the device.
     """
     model = training.model
-    with autocast(training.ctx.device):
+    with autocast(training.ctx.device, training.config.run.precision):
         out = training.wrapped(views.contiguous(memory_format=torch.channels_last))
         batch = gather_views(out, indices, training.gathers_features)
         losses = objective.joint_objective(

@@ -171,6 +171,8 @@ def write_stream(tables: Iterable[pa.Table], output: str, total: int | None) -> 
         with tqdm(total=total, unit="img", desc="predict", disable=None) as bar:
             for table in tables:
                 if writer is None:
+                    if not storage.is_uri(output):  # the README writes under outputs/
+                        Path(output).parent.mkdir(parents=True, exist_ok=True)
                     writer = pq.ParquetWriter(output, table.schema)
                 writer.write_table(table)
                 rows += len(table)

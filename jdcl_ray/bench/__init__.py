@@ -10,6 +10,10 @@ clustering objective recovers the small blobs of a long-tailed Gaussian mixture 
 
 ``python -m jdcl_ray.bench throughput [--quick] [--json FILE] [--base CONFIG]`` — images/s of
 augmentation, the training step, Ray Train and the losses (``throughput.py``).
+
+``python -m jdcl_ray.bench gpu --output DIR [--smoke] [--fashion-root DIR] [--budget-s S]`` — every
+GPU figure in one run on a bare CUDA machine, no Ray or MLflow (``gpu.py``,
+``benchmarks/gpu/run.sh``).
 """
 
 from __future__ import annotations
@@ -85,6 +89,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     speed.add_argument(
         "--base", default="configs/fashion_lt.yaml", metavar="CONFIG", help="config of the step"
     )
+    gpu = suites.add_parser("gpu", help="every GPU figure in one run (no Ray, no MLflow)")
+    gpu.add_argument("--output", type=Path, required=True, metavar="DIR", help="gpu.json, gpu.md")
+    gpu.add_argument("--smoke", action="store_true", help="the same code on the CPU, tiny sizes")
+    gpu.add_argument(
+        "--fashion-root",
+        type=Path,
+        default=Path("/usr/share/datasets/fashion-mnist"),
+        metavar="DIR",
+        help="Fashion-MNIST's four .gz files (default: Debian's dataset-fashion-mnist)",
+    )
+    gpu.add_argument(
+        "--budget-s",
+        type=float,
+        metavar="S",
+        help="seconds for the whole run (default 480; 600 with --smoke)",
+    )
     return parser.parse_args(argv)
 
 
@@ -105,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         from jdcl_ray.bench import blobs
 
         return blobs.main(args)
+    if args.suite == "gpu":
+        from jdcl_ray.bench import gpu
+
+        return gpu.main(args)
     if args.suite == "throughput":
         from jdcl_ray.bench import throughput
 

@@ -27,7 +27,6 @@ from jdcl_ray.data import ImageDataset, RunData, prepare_data
 from jdcl_ray.engine import WorkerContext, fit, start_training, train_step
 from jdcl_ray.losses import dcl_loss, ddc_loss
 from jdcl_ray.runtime import init_ray
-from jdcl_ray.train import run_training
 
 
 class PilViews(torch.utils.data.Dataset):
@@ -200,6 +199,8 @@ def ray_overhead(base: str, epochs: int, max_images: int) -> dict:
 
     def note(metrics_: dict, _state: Any, _assignments: Any) -> None:
         rates.append(metrics_["images_per_s"])
+
+    from jdcl_ray.train import run_training  # Ray: imported here, so that the GPU suite needs none
 
     fit(config, data, WorkerContext(0, 1, torch.device("cpu")), note, log=lambda _line: None)
     bare = float(np.mean(rates[1:] or rates))
