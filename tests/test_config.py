@@ -48,6 +48,8 @@ def test_overrides_apply_with_yaml_types():
         (["loss.temperature=warm"], "loss.temperature", "warm"),
         (["run.workers=1.5"], "run.workers", "1.5"),
         (["run.use_gpu=maybe"], "run.use_gpu", "maybe"),
+        (["run.precision=fp16"], "run.precision", "fp16"),
+        (["run.compile=sometimes"], "run.compile", "sometimes"),
         (["augment.jitter=[0.4, 0.4]"], "augment.jitter", "0.4"),
     ],
 )
