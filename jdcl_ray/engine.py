@@ -400,8 +400,20 @@ def evaluate(
     num_clusters = config.model.num_clusters
     clusters = embedded.clusters
     sizes = np.bincount(clusters, minlength=num_clusters)
+    # k-means on the same features: what the head adds, and the partition k_score rates.
+    if embedded.centers is None:
+        kmeans_clusters, _ = assign(
+            embedded.features,
+            embedded.probabilities,
+            fit_centers(embedded.features, num_clusters, config.run.seed),
+            config.loss.temperature,
+        )
+    else:
+        kmeans_clusters = clusters
     result: dict[str, Any] = {
         "selection_score": metrics.selection_score(embedded.hidden, clusters),
+        # Comparable across model.num_clusters (selection_score is not): docs/method.md.
+        "k_score": metrics.knn_modularity(embedded.features, kmeans_clusters),
         "ood_threshold": embedded.ood_threshold,
         "predicted_sizes": sizes.tolist(),
         "empty_clusters": int((sizes == 0).sum()),
@@ -413,16 +425,6 @@ def evaluate(
         labels, clusters, num_clusters, class_order=data.class_order
     ).items():
         result[f"train/{key}"] = value
-    # The assignment rule against k-means on the same features: what the head adds.
-    if embedded.centers is None:
-        kmeans_clusters, _ = assign(
-            embedded.features,
-            embedded.probabilities,
-            fit_centers(embedded.features, num_clusters, config.run.seed),
-            config.loss.temperature,
-        )
-    else:
-        kmeans_clusters = clusters
     result["train/kmeans_caa"] = metrics.cluster_metrics(
         labels, kmeans_clusters, num_clusters, class_order=data.class_order
     )["caa"]

@@ -4,7 +4,8 @@ Accuracy after Hungarian matching hides the tail: on a 100:1 set, a clustering t
 tail class into a head cluster still scores a high ACC. The imbalance-aware numbers here
 (class-averaged accuracy, macro-F1, head/medium/tail recall, the cluster-size histogram) make that
 visible; `knn_accuracy` rates the representation without any matching, `ood_auroc` rates the
-statistics-pooling OOD score, and `selection_score` lets Tune choose trials without labels.
+statistics-pooling OOD score, `selection_score` lets Tune choose trials without labels, and
+`knn_modularity` lets it choose the number of clusters without labels.
 
 Every function accepts NumPy arrays or torch tensors (on any device) and returns plain Python values.
 Plain NumPy / SciPy / scikit-learn on purpose: metrics run on the driver, outside the training loop.
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
+from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import (
     adjusted_rand_score,
@@ -26,6 +28,7 @@ from sklearn.metrics import (
     roc_auc_score,
     silhouette_score,
 )
+from sklearn.neighbors import NearestNeighbors
 
 if TYPE_CHECKING:
     import torch
@@ -301,3 +304,52 @@ def selection_score(
     if used == len(clusters):
         return 0.0
     return float(silhouette_score(features, clusters, metric="cosine"))
+
+
+def knn_modularity(
+    features: Array,
+    clusters: Array,
+    neighbours: int = 10,
+    sample_size: int = 2000,
+    seed: int = 0,
+) -> float:
+    """Label-free score of a partition that is comparable across numbers of clusters K (higher
+    is better): its modularity (Newman & Girvan 2004) on the cosine k-nearest-neighbour graph.
+
+    The graph links each point to its ``neighbours`` nearest points (cosine), made undirected;
+    with m edges, e_c of them inside cluster c and d_c the summed degree of c's points,
+    Q = Σ_c [e_c / m − (d_c / 2m)²]. The second term is the share of edges that c would hold in
+    a random graph with the same degrees, so one cluster and a random partition score 0 whatever
+    K is. Splitting a real group cuts many of its edges (Q falls); merging two groups adds their
+    degree products (Q falls too): Q peaks where the partition follows the graph's groups. The
+    graph does not depend on K, which is what makes trials with different K comparable; a
+    silhouette does not penalise splitting the same way. Known limit (Fortunato & Barthélemy
+    2007): groups much smaller than √(2m) edges cannot be resolved, so very small tail classes
+    tend to be merged. The graph is built on a seeded subsample of ``sample_size`` points
+    (O(n²) neighbour search), the same for every trial on the same data.
+    """
+    if neighbours < 1:
+        raise ValueError(f"neighbours must be at least 1, got {neighbours}")
+    features = _features(features, "features")
+    clusters = _ids(clusters, "clusters")
+    _check_lengths(features=features, clusters=clusters)
+    if len(features) > sample_size:
+        keep = np.random.default_rng(seed).choice(len(features), sample_size, replace=False)
+        features, clusters = features[keep], clusters[keep]
+    n = len(features)
+    if n < 2:
+        return 0.0
+    neighbours = min(neighbours, n - 1)
+    found = NearestNeighbors(n_neighbors=neighbours + 1, metric="cosine").fit(features)
+    nearest = found.kneighbors(features, return_distance=False)
+    # Drop each point's match with itself (first unless duplicates tie with it), keep k others.
+    others = np.array([row[row != i][:neighbours] for i, row in enumerate(nearest)])
+    rows = np.repeat(np.arange(n), neighbours)
+    graph = sparse.coo_matrix((np.ones(n * neighbours), (rows, others.ravel())), shape=(n, n))
+    graph = graph.tocsr()
+    graph = graph.maximum(graph.T).tocoo()  # undirected: an edge when either lists the other
+    twice_edges = graph.data.sum()
+    inside = graph.data[clusters[graph.row] == clusters[graph.col]].sum()
+    degree = np.bincount(graph.row, weights=graph.data, minlength=n)
+    cluster_degree = np.bincount(clusters, weights=degree)
+    return float(inside / twice_edges - np.sum((cluster_degree / twice_edges) ** 2))

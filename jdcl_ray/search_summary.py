@@ -1,6 +1,7 @@
 """What a finished search prints and records on its parent MLflow run: the table of its trials
-(also ``trials.csv`` in the search's folder), the best trial, and, when the data has labels, how
-well the label-free pick agrees with them."""
+(also ``trials.csv`` in the search's folder), the best trial, the number of clusters it picked
+when the space searches ``model.num_clusters``, and, when the data has labels, how well the
+label-free pick agrees with them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jdcl_ray import storage, tracking
-from jdcl_ray.space import SearchConfig, SearchSpace
+from jdcl_ray.space import K_METRIC, NUM_CLUSTERS, SearchConfig, SearchSpace
 from jdcl_ray.tracking import tracked
 
 TABLE_FILE = "trials.csv"
@@ -44,6 +45,10 @@ def summarize(
     tracked("the best trial's summary", lambda: log_best(client, parent_run_id, best, best_metrics))
     console.print(f"best trial {best.metrics.get('trial_id')}: {best.config}")
     console.print(best_scores(best_metrics, metric))
+    if space.searches_num_clusters:
+        picked = best.config[NUM_CLUSTERS]
+        tracked("the picked K", lambda: client.set_tag(parent_run_id, "num_clusters", str(picked)))
+        console.print(picked_k(results, space.search, picked))
     agreement = selection_agreement(rows, metric, best_metrics)
     if agreement:
         selection = {f"selection/{k}": v for k, v in agreement.items()}
@@ -103,6 +108,27 @@ def best_trial(results: Any, search: SearchConfig) -> Any | None:
         return None
     pick = max if search.mode == "max" else min
     return pick(candidates, key=lambda result: result.metrics[search.metric])
+
+
+def picked_k(results: Any, search: SearchConfig, picked: int) -> str:
+    """The K the search picked, and the best search metric reached at each K it tried."""
+    best_by_k: dict[int, float] = {}
+    pick = max if search.mode == "max" else min
+    for result in results:
+        k, value = (
+            (result.config or {}).get(NUM_CLUSTERS),
+            (result.metrics or {}).get(search.metric),
+        )
+        if result.error is None and k is not None and value is not None:
+            best_by_k[k] = pick(best_by_k.get(k, value), value)
+    by_k = ", ".join(f"K={k}: {best_by_k[k]:.3f}" for k in sorted(best_by_k))
+    why = (
+        f"{K_METRIC}, the label-free score comparable across K (the default when "
+        f"{NUM_CLUSTERS} is searched)"
+        if search.metric == K_METRIC
+        else search.metric
+    )
+    return f"number of clusters: picked K = {picked} ({NUM_CLUSTERS}) by {why}; {by_k}"
 
 
 def log_best(client: Any, parent_run_id: str, best: Any, best_metrics: dict[str, float]) -> None:

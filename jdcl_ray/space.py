@@ -11,6 +11,12 @@ A file has five sections::
 Everything is checked on load, before Ray starts: each mistake is one line naming the file and
 the key. Each parameter's bounds or options are also put through the training config's own
 validation, so ``loss.tau_plus: {uniform: [0, 1.5]}`` fails here, not in trial 7.
+
+The number of clusters can be searched like any key (``model.num_clusters: {grid: [5, 10, 20]}``,
+or ``{uniform: [5, 20]}`` for random integers). Trials with different K are then compared by
+``k_score``, the search metric's default in that case: ``selection_score`` is not comparable
+across K (it favours the fewest clusters, see docs/method.md), so a space that searches K with it
+is refused.
 """
 
 from __future__ import annotations
@@ -45,8 +51,11 @@ DISTRIBUTIONS: dict[str, int | None] = {
 }
 ALGORITHMS = ("random", "optuna")
 # Metrics a trial reports that a search can optimise; label-based ones need labelled data.
+NUM_CLUSTERS = "model.num_clusters"
+K_METRIC = "k_score"  # label-free and comparable across K: the default when K is searched
 SEARCH_METRICS = (
     "selection_score",
+    "k_score",
     "knn_acc",
     "cluster_size_l1",
     # objective.JOINT_TERMS: every clustering objective reports these (tests check they agree).
@@ -71,7 +80,9 @@ class SearchConfig:
     algorithm: str = "random"
     num_samples: int = 4
     max_concurrent_trials: int | None = None  # None: as many as the cluster's resources fit
-    metric: str = "selection_score"  # label-free by default: a real user has no labels
+    # Label-free by default (a real user has no labels): selection_score, or k_score when the
+    # space searches model.num_clusters (resolved by load_space).
+    metric: str | None = None
     mode: str = "max"
     seed: int = 0
 
@@ -87,7 +98,10 @@ class SearchConfig:
             "null or >= 1",
         )
         check(
-            self.metric in SEARCH_METRICS, "search.metric", self.metric, f"one of {SEARCH_METRICS}"
+            self.metric is None or self.metric in SEARCH_METRICS,
+            "search.metric",
+            self.metric,
+            f"one of {SEARCH_METRICS}",
         )
         check(self.mode in ("min", "max"), "search.mode", self.mode, "'min' or 'max'")
 
@@ -153,6 +167,10 @@ class SearchSpace:
         return int(self.base["run"]["epochs"])
 
     @property
+    def searches_num_clusters(self) -> bool:
+        return any(p.key == NUM_CLUSTERS for p in self.parameters)
+
+    @property
     def num_trials(self) -> int:
         """Tune runs ``num_samples`` trials per point of the grid (one point without a grid)."""
         grid = [len(p.values) for p in self.parameters if p.distribution == "grid"]
@@ -209,6 +227,7 @@ def _parse(values: dict[str, Any], path: Path) -> SearchSpace:
             f"space key '{grid}' uses 'grid', which search.algorithm 'optuna' can't sample: "
             f"use 'choice', or search.algorithm 'random'"
         )
+    search.metric = _search_metric(search.metric, parameters)
     epochs = int(base["run"]["epochs"])
     if scheduler.max_epochs is not None and scheduler.max_epochs > epochs:
         raise UserError(
@@ -219,6 +238,20 @@ def _parse(values: dict[str, Any], path: Path) -> SearchSpace:
     if not isinstance(name, str) or not name.strip():
         raise UserError(f"key 'name' = {name!r} must be a non-empty string")
     return SearchSpace(name, base, parameters, search, scheduler, sections["resources"])
+
+
+def _search_metric(metric: str | None, parameters: list[Parameter]) -> str:
+    """The metric as written, else the label-free default: k_score when K is searched."""
+    searches_k = any(p.key == NUM_CLUSTERS for p in parameters)
+    if metric is None:
+        return K_METRIC if searches_k else "selection_score"
+    if searches_k and metric == "selection_score":
+        raise UserError(
+            f"key 'search.metric' = 'selection_score' can't compare trials with different "
+            f"{NUM_CLUSTERS}, which this space searches (it favours the fewest clusters): use "
+            f"'{K_METRIC}' (the default when {NUM_CLUSTERS} is searched) or a label-based metric"
+        )
+    return metric
 
 
 def _base_config(raw: Any, path: Path) -> dict[str, Any]:

@@ -44,6 +44,7 @@ SHORT_NAMES = {
     "loss.clustering_weight": "w",
     "loss.prior": "",
     "optim.lr": "lr",
+    "model.num_clusters": "K",
 }
 
 

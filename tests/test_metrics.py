@@ -14,6 +14,7 @@ from jdcl_ray.metrics import (
     cluster_size_report,
     head_medium_tail_sizes,
     knn_accuracy,
+    knn_modularity,
     match_clusters,
     ood_auroc,
     selection_score,
@@ -327,6 +328,75 @@ def test_selection_score_subsample_is_seeded_and_collapse_is_worst() -> None:
     assert selection_score(features, np.zeros(len(labels), dtype=int)) == -1.0
 
 
+def unequal_blobs(sizes: tuple[int, ...], noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    return np.eye(16)[labels] * 5 + noise * rng.normal(size=(len(labels), 16)), labels
+
+
+def naive_knn_modularity(features: np.ndarray, clusters: np.ndarray, neighbours: int) -> float:
+    """Newman & Girvan's Q = 1/2m Σ_ab [A_ab − d_a d_b / 2m] δ(c_a, c_b), written out densely."""
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    adjacency = np.zeros_like(similarity)
+    for a, row in enumerate(similarity):
+        adjacency[a, np.argsort(-row, kind="stable")[:neighbours]] = 1
+    adjacency = np.maximum(adjacency, adjacency.T)
+    degree, twice_edges = adjacency.sum(1), adjacency.sum()
+    same = clusters[:, None] == clusters[None, :]
+    return float(((adjacency - np.outer(degree, degree) / twice_edges) * same).sum() / twice_edges)
+
+
+@pytest.mark.parametrize("neighbours", [1, 5, 10])
+def test_knn_modularity_matches_the_dense_formula(neighbours: int) -> None:
+    features, labels = unequal_blobs((40, 25, 10), 1.5, seed=2)
+    clusters = np.where(np.random.default_rng(0).random(len(labels)) < 0.2, 0, labels)
+    assert knn_modularity(features, clusters, neighbours) == pytest.approx(
+        naive_knn_modularity(features, clusters, neighbours), abs=1e-9
+    )
+
+
+def test_knn_modularity_peaks_at_the_true_number_of_clusters() -> None:
+    """Long-tailed blobs (5 groups, 200 to 15 points): k-means for K = 2..10, scored without
+    labels, is best at K = 5; fewer clusters (merged groups) and more (split groups) score lower."""
+    from sklearn.cluster import KMeans
+
+    for seed in range(3):
+        features, _ = unequal_blobs((200, 120, 60, 30, 15), 1.0, seed)
+        scores = {
+            k: knn_modularity(
+                features, KMeans(k, n_init=10, random_state=seed).fit_predict(features)
+            )
+            for k in range(2, 11)
+        }
+        assert max(scores, key=scores.get) == 5, scores
+        assert scores[5] > scores[3] + 0.02 and scores[5] > scores[8] + 0.02, scores
+
+
+def test_knn_modularity_of_one_cluster_and_of_random_labels_is_zero() -> None:
+    features, labels = unequal_blobs((60, 40, 20), 1.0, seed=0)
+    truth = knn_modularity(features, labels)
+    assert truth > 0.5
+    assert knn_modularity(features, np.zeros(len(labels), dtype=int)) == pytest.approx(0.0)
+    for k in (3, 10):
+        shuffled = np.random.default_rng(k).integers(0, k, len(labels))
+        assert abs(knn_modularity(features, shuffled)) < 0.05
+    # Splitting every true group in two at random cuts its neighbour edges: much worse.
+    halves = labels * 2 + np.random.default_rng(1).integers(0, 2, len(labels))
+    assert knn_modularity(features, halves) < truth - 0.2
+
+
+def test_knn_modularity_subsample_is_seeded() -> None:
+    features, labels = unequal_blobs((300, 200, 100), 3.0, seed=4)
+    first = knn_modularity(features, labels, sample_size=200, seed=3)
+    assert first == knn_modularity(features, labels, sample_size=200, seed=3)
+    assert first != knn_modularity(features, labels, sample_size=200, seed=4)
+    assert knn_modularity(torch.from_numpy(features), torch.from_numpy(labels)) == pytest.approx(
+        knn_modularity(features, labels)
+    )
+
+
 # --- input checks -----------------------------------------------------------------------------
 
 
@@ -338,6 +408,7 @@ def test_selection_score_subsample_is_seeded_and_collapse_is_worst() -> None:
         lambda: cluster_size_report([0, 1, 1], [0, 1], 2),
         lambda: knn_accuracy(np.ones((3, 2)), [0, 1], np.ones((2, 2)), [0, 1]),
         lambda: selection_score(np.ones((3, 2)), [0, 1]),
+        lambda: knn_modularity(np.ones((3, 2)), [0, 1]),
     ],
 )
 def test_mismatched_lengths_name_both(call) -> None:
