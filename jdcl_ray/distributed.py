@@ -1,9 +1,11 @@
 """Cross-worker collectives for the global-batch losses, in plain torch.distributed (no Ray).
 
 DCL draws its negatives, and DDC its kernel, from the GLOBAL batch (method.md): every rank
-all-gathers its projections, assignments and hidden features with :func:`gather_with_grad`
-and computes the same loss on the whole batch. Outside a process group (one worker, tests)
-every function here is the identity, so the losses never branch on the setup.
+all-gathers its projections, assignments and hidden features with :func:`gather_with_grad`.
+DCL then takes only the rank's own anchors (:func:`own_rows`) against every negative, 1/W of
+its (2B)² products; the clustering objectives compute the same loss on the whole batch. Outside
+a process group (one worker, tests) every function here is the identity, so the losses never
+branch on the setup.
 """
 
 from __future__ import annotations
@@ -40,16 +42,25 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, in rank order.
 
-    Gradients flow back to every rank's own slice (as solo-learn's GatherLayer). Each rank
-    computes the same global-batch loss L, so the backward pass SUMS the gradients of all
-    ranks: this rank's samples receive W · dL/dz (W = world size), and DDP's averaging of the
-    parameter gradients over the W ranks brings that back to exactly the dL/dθ that one
-    process would get on the global batch. All ranks must call this, and backward, together.
-    Identity when not distributed.
+    Gradients flow back to every rank's own slice (as solo-learn's GatherLayer). A term that
+    every rank computes on the whole batch (L), or as the mean over its own 1/W of the anchors
+    (L_r, with Σ_r L_r = W · L), is summed by the backward pass over the ranks: this rank's
+    samples receive W · dL/dz (W = world size) either way, and DDP's averaging of the parameter
+    gradients over the W ranks brings that back to exactly the dL/dθ that one process would get
+    on the global batch. All ranks must call this, and backward, together. Identity when not
+    distributed.
     """
     if not is_distributed():
         return x
     return _GatherWithGrad.apply(x)
+
+
+def own_rows(local_size: int) -> slice:
+    """This rank's rows of a gathered batch (rank order): the images whose anchors it takes."""
+    if not is_distributed():
+        return slice(None)
+    start = dist.get_rank() * local_size
+    return slice(start, start + local_size)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from jdcl_ray.assign import assign, fit_centers
 from jdcl_ray.augment import BatchAugment, to_float
 from jdcl_ray.config import Config
 from jdcl_ray.data import RunData
-from jdcl_ray.distributed import gather_with_grad
+from jdcl_ray.distributed import all_reduce_sum, gather_with_grad, own_rows
 from jdcl_ray.errors import UserError
 from jdcl_ray.models import JointModel, JointOutput, build_model
 from jdcl_ray.pretrained import InitialWeights, apply_initial_weights
@@ -206,6 +206,7 @@ def gather_views(
         hidden=views[2],
         features=views[3] if with_features else None,
         indices=gathered[:, -1].detach().round().long(),
+        own=own_rows(local),
     )
 
 
@@ -285,7 +286,8 @@ def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
         newly_bad = ~torch.isfinite(terms).all() & (first_bad < 0)
         first_bad = torch.where(newly_bad, step, first_bad)
         bad_terms = torch.where(newly_bad, terms, bad_terms)
-    means = (sums / training.steps_per_epoch).tolist()
+    # DCL's terms are each rank's own anchors' mean: the epoch's figure is the ranks' mean.
+    means = (all_reduce_sum(sums) / (ctx.world_size * training.steps_per_epoch)).tolist()
     elapsed = time.perf_counter() - started
     bad_step = int(first_bad)
     if bad_step >= 0:

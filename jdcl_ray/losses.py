@@ -54,7 +54,11 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature: float, tau_plus: float | Tenso
 
 
 def dcl_terms(
-    z1: Tensor, z2: Tensor, temperature: float, tau_plus: float | Tensor
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float,
+    tau_plus: float | Tensor,
+    images: slice = slice(None),
 ) -> tuple[Tensor, Tensor]:
     """Debiased contrastive loss (Chuang et al., "Debiased Contrastive Learning", NeurIPS 2020).
 
@@ -70,19 +74,28 @@ def dcl_terms(
     is NT-Xent (SimCLR). Also returns the fraction of anchors whose Ng_i sits at the floor
     N·e^(−1/t), detached: those anchors get no gradient through their negatives (ours, a
     diagnostic: when most of a batch is there, the representation stops learning).
+
+    ``images``: whose two views are the anchors the mean runs over (default: all B). A worker of
+    a data-parallel run takes its own images' anchors against every negative of the global
+    batch: 1/W of the (2B)² products, and the gradients' sum across workers (distributed.py)
+    gives the global loss's gradient.
     """
     _check_dcl_args(z1, z2, temperature, tau_plus)
     batch = z1.shape[0]
     num_neg = 2 * batch - 2
+    own = torch.arange(batch, device=z1.device)[images]
+    anchors = torch.cat([own, own + batch])  # rows of the 2B order
+    positives = torch.cat([own + batch, own])  # each anchor's other view
     with torch.autocast(z1.device.type, enabled=False):
         z = F.normalize(torch.cat([z1, z2]).to(_loss_dtype(z1)), dim=1)
-        logits = z @ z.T / temperature  # log of every exp(z_i·z_j / t)
-        eye = torch.eye(2 * batch, dtype=torch.bool, device=z.device)
-        positive = eye.roll(batch, dims=1)  # anchor i's other view: (i + B) mod 2B
-        log_pos = torch.cat([logits.diagonal(batch), logits.diagonal(-batch)])
-        log_neg = torch.logsumexp(logits.masked_fill(eye | positive, -math.inf), dim=1)
+        logits = z[anchors] @ z.T / temperature  # log of every exp(z_i·z_j / t), (2b, 2B)
+        log_pos = logits.gather(1, positives[:, None]).squeeze(1)
+        not_negative = torch.stack([anchors, positives], dim=1)  # itself and its positive
+        log_neg = torch.logsumexp(logits.scatter(1, not_negative, -math.inf), dim=1)
 
         tau = torch.as_tensor(tau_plus, dtype=z.dtype, device=z.device)
+        if tau.ndim:
+            tau = tau[anchors]
         # Σ neg − tau·N·pos = Σ neg · (1 − ratio), with ratio = tau·N·pos / Σ neg. Where
         # ratio ≥ 1 the estimate is ≤ 0 and the clamp decides; masking ratio there (before the
         # exp) keeps both the value and the gradient finite.

@@ -50,6 +50,8 @@ class GlobalBatch:
     hidden: Tensor  # (B, 2, H): the clustering head's hidden layer
     features: Tensor | None  # (B, 2, F): the backbone's h, gathered for objectives that read it
     indices: Tensor  # (B,): each image's row in the training set
+    # this worker's images, whose views are its DCL anchors (distributed.own_rows)
+    own: slice = field(default_factory=lambda: slice(None))
 
     @staticmethod
     def anchors(pair: Tensor) -> Tensor:
@@ -153,7 +155,7 @@ def joint_objective(
     else:
         tau_plus = loss_cfg.tau_plus
     dcl, floor_frac = dcl_terms(
-        batch.projections[:, 0], batch.projections[:, 1], loss_cfg.temperature, tau_plus
+        batch.projections[:, 0], batch.projections[:, 1], loss_cfg.temperature, tau_plus, batch.own
     )
     objective = clustering_objective(loss_cfg.clustering)
     terms = objective.compute(batch, pooled, state, config, epoch)

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from jdcl_ray.config import load_config
-from jdcl_ray.distributed import all_reduce_sum, gather_with_grad, is_distributed
-from jdcl_ray.losses import dcl_loss, ddc_loss, pooled_tau_plus
+from jdcl_ray.distributed import all_reduce_sum, gather_with_grad, is_distributed, own_rows
+from jdcl_ray.losses import dcl_loss, dcl_terms, ddc_loss, pooled_tau_plus
 from jdcl_ray.models import PooledStatistics
 from jdcl_ray.objective import CLUSTERING_OBJECTIVES, GlobalBatch, clustering_objective
 
@@ -72,6 +72,17 @@ LOSSES: dict[str, tuple[tuple[str, ...], Callable[..., Tensor]]] = {
             TEMPERATURE,
             _per_anchor_prior(t["a1"], t["a2"]),
         ),
+    ),
+    # As the engine does: each rank its own images' anchors against every negative.
+    "dcl_own_anchors": (
+        ("z1", "z2"),
+        lambda t: dcl_terms(
+            gather_with_grad(t["z1"]),
+            gather_with_grad(t["z2"]),
+            TEMPERATURE,
+            _per_anchor_prior(t["a1"], t["a2"]),
+            own_rows(len(t["z1"])),
+        )[0],
     ),
     "ddc": (
         ("a1", "hidden"),
@@ -140,7 +151,8 @@ def _joint_loss(model: nn.Module, x1: Tensor, x2: Tensor) -> Tensor:
     z1, z2 = out.chunk(2)
     a1, a2 = (torch.softmax(z[:, :CLUSTERS], dim=1) for z in (z1, z2))
     prior = _per_anchor_prior(a1, a2)
-    contrastive = dcl_loss(gather_with_grad(z1), gather_with_grad(z2), TEMPERATURE, prior)
+    gathered = gather_with_grad(z1), gather_with_grad(z2)
+    contrastive = dcl_terms(*gathered, TEMPERATURE, prior, own_rows(len(z1)))[0]
     return contrastive + ddc_loss(gather_with_grad(a1), gather_with_grad(z1))["total"]
 
 
@@ -212,9 +224,12 @@ def test_identity_without_process_group() -> None:
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_global_batch_loss_equals_single_process(ranks: list[dict], single, name: str) -> None:
     expected, _ = single[name]
-    for result in ranks:
-        loss, _ = result["losses"][name]
-        assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    losses = [result["losses"][name][0].item() for result in ranks]
+    if name == "dcl_own_anchors":  # each rank its own anchors' mean: the ranks' mean is L
+        assert sum(losses) / WORLD == pytest.approx(expected.item(), rel=1e-12)
+        assert losses[0] != pytest.approx(losses[1], rel=1e-6)
+    else:
+        assert losses == pytest.approx([expected.item()] * WORLD, rel=1e-12)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

@@ -30,21 +30,27 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def _dcl_reference(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float, tau_plus: float | torch.Tensor
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    tau_plus: float | torch.Tensor,
+    images: range | None = None,
 ) -> tuple[float, list[bool]]:
-    """method.md's DCL with explicit exponentials, one anchor at a time, in float64.
+    """method.md's DCL with explicit exponentials, one anchor at a time, in float64; the mean
+    over the two views of ``images`` (default all).
 
     Returns the loss and, per anchor, whether the clamp N·e^(−1/t) decided Ng_i.
     """
     z = torch.cat([F.normalize(z1.double(), dim=1), F.normalize(z2.double(), dim=1)]).tolist()
     two_b = len(z)
     batch, num_neg = two_b // 2, two_b - 2
+    images = range(batch) if images is None else images
 
     def sim(i: int, j: int) -> float:
         return sum(x * y for x, y in zip(z[i], z[j], strict=True)) / temperature
 
     losses, clamped = [], []
-    for i in range(two_b):
+    for i in [*images, *(image + batch for image in images)]:
         tau = float(tau_plus[i]) if isinstance(tau_plus, torch.Tensor) else tau_plus
         positive = (i + batch) % two_b
         pos = math.exp(sim(i, positive))
@@ -54,7 +60,7 @@ def _dcl_reference(
         clamped.append(ng < floor)
         ng = max(ng, floor)
         losses.append(-math.log(pos / (pos + ng)))
-    return sum(losses) / two_b, clamped
+    return sum(losses) / len(losses), clamped
 
 
 def _nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -92,6 +98,25 @@ def test_dcl_matches_reference(batch: int, dim: int, temperature: float, tau_spe
     assert dcl_loss(z1, z2, temperature, tau).item() == pytest.approx(expected, rel=1e-10)
     _, floor_frac = dcl_terms(z1, z2, temperature, tau)
     assert floor_frac.item() == pytest.approx(sum(clamped) / len(clamped))
+
+
+@pytest.mark.parametrize("tau_spec", [0.1, "per-anchor"])
+def test_dcl_of_one_workers_images_matches_reference_and_sums_to_the_global_gradient(tau_spec):
+    """A worker's anchors against every negative: the reference over its images, and the workers'
+    gradients summed (as the gather's backward does) are W times the global loss's."""
+    z1, z2 = (z.requires_grad_() for z in _views(12, 8, seed=5, noise=0.8))
+    tau, workers = _tau(tau_spec, 12), (range(0, 4), range(4, 8), range(8, 12))
+    total = 0.0
+    for images in workers:
+        loss, floor_frac = dcl_terms(z1, z2, 0.2, tau, slice(images.start, images.stop))
+        expected, clamped = _dcl_reference(z1.detach(), z2.detach(), 0.2, tau, images)
+        assert loss.item() == pytest.approx(expected, rel=1e-10)
+        assert floor_frac.item() == pytest.approx(sum(clamped) / len(clamped))
+        total = total + loss
+    summed = torch.autograd.grad(total, (z1, z2))
+    whole = torch.autograd.grad(len(workers) * dcl_loss(z1, z2, 0.2, tau), (z1, z2))
+    for ours, theirs in zip(summed, whole, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("temperature", [0.05, 0.5])

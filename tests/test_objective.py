@@ -182,9 +182,13 @@ def test_a_short_digits_run_gives_the_pinned_losses_and_metrics():
     data = prepare_data(config)
     fit(config, data, CPU, lambda m, s, a: epochs.append(m), log=lambda _: None)
     assert len(epochs) == len(PINNED)
+    one_image = 1 / len(data.eval.images)  # kNN accuracy moves in steps of one test image
     for got, pinned in zip(epochs, PINNED, strict=True):
-        # Float32 training on another CPU may round differently; the first epochs agree closely.
-        assert {k: got[k] for k in pinned} == pytest.approx(pinned, rel=2e-3, abs=2e-3)
+        # Float32 training on another CPU may round differently; the first epochs agree closely
+        # (seen: this run's kNN accuracy one test image apart on two CPUs).
+        losses = {k: got[k] for k in pinned if k != "knn_acc"}
+        assert losses == pytest.approx({k: pinned[k] for k in losses}, rel=2e-3, abs=2e-3)
+        assert got["knn_acc"] == pytest.approx(pinned["knn_acc"], abs=one_image + 1e-9)
         assert 0 <= got["loss/dcl_floor_frac"] <= 1
     # The pixels' kNN accuracy on the same split as knn_acc, once a run (every epoch the same).
     train, test = (

@@ -11,7 +11,8 @@ clustering objective recovers the small blobs of a long-tailed Gaussian mixture 
 ``python -m jdcl_ray.bench throughput [--quick] [--json FILE] [--base CONFIG]`` — images/s of
 augmentation, the training step, Ray Train and the losses (``throughput.py``).
 
-``python -m jdcl_ray.bench gpu --output DIR [--smoke] [--fashion-root DIR] [--budget-s S]`` — every
+``python -m jdcl_ray.bench gpu --output DIR [--smoke] [--fashion-root DIR] [--sections NAME ...]
+[--budget-s S]`` — every
 GPU figure in one run on a bare CUDA machine, no Ray or MLflow (``gpu.py``,
 ``benchmarks/gpu/run.sh``).
 """
@@ -98,6 +99,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Path("/usr/share/datasets/fashion-mnist"),
         metavar="DIR",
         help="Fashion-MNIST's four .gz files (default: Debian's dataset-fashion-mnist)",
+    )
+    gpu.add_argument(
+        "--sections",
+        nargs="+",
+        choices=("step", "loss", "quality", "compile"),
+        default=["step", "loss", "quality", "compile"],
+        metavar="NAME",
+        help="run only these of step, loss, quality, compile (default: all, in that order)",
     )
     gpu.add_argument(
         "--budget-s",

@@ -233,10 +233,11 @@ def step_section(sizes: Sizes, device: torch.device, peak_flops: float | None) -
 
 
 def objective_inputs(
-    config: Config, global_batch: int, device: torch.device
+    config: Config, global_batch: int, own_images: int, device: torch.device
 ) -> tuple[objective.GlobalBatch, Any, objective.State]:
-    """A global batch of the joint model's outputs (random, with gradients), the pooled
-    statistics and the objective's state refreshed on random features, at the model's widths."""
+    """A global batch of the joint model's outputs (random, with gradients) as one worker with
+    ``own_images`` of them sees it, the pooled statistics and the objective's state refreshed on
+    random features, at the model's widths."""
     from jdcl_ray.models import build_model
 
     model = build_model(config, 3, QUALITY_SIDE).eval()
@@ -263,17 +264,19 @@ def objective_inputs(
         hidden=rows(out.cluster_hidden.shape[1]).to(device).requires_grad_(),
         features=features.to(device).requires_grad_() if clustering.reads_features else None,
         indices=torch.arange(global_batch, device=device),
+        own=slice(0, own_images),
     )
     pooled = type(pooled)(*(value.to(device) for value in pooled))
     return batch, pooled, {key: value.to(device) for key, value in state.items()}
 
 
 def objective_seconds(
-    config: Config, global_batch: int, device: torch.device, repeats: int
+    config: Config, global_batch: int, own_images: int, device: torch.device, repeats: int
 ) -> float:
-    """Seconds of the joint objective's forward and backward on a global batch, as every worker
-    computes it after the gather (``objective.joint_objective`` under the step's autocast)."""
-    batch, pooled, state = objective_inputs(config, global_batch, device)
+    """Seconds of the joint objective's forward and backward on a global batch, as a worker with
+    ``own_images`` of it computes it after the gather (``objective.joint_objective`` under the
+    step's autocast: DCL on its own anchors, the clustering objective on the whole batch)."""
+    batch, pooled, state = objective_inputs(config, global_batch, own_images, device)
     epoch = max(config.loss.clustering_warmup_epochs, config.loss.prior_warmup_epochs)
 
     def once() -> None:
@@ -292,15 +295,18 @@ def objective_seconds(
 
 def loss_section(sizes: Sizes, device: torch.device, repeats: int) -> list[dict]:
     """The objective's time at each global batch, and its share of a step in which each worker
-    runs the model on ``worker_batch`` images and the objective on the whole global batch:
+    runs the model on ``worker_batch`` images and the objective after the gather (DCL on its own
+    images' anchors against every negative, the clustering objective on the whole batch):
     share = loss(G) / (step(b) − loss(b) + loss(G)), the step measured here too."""
     config = step_config(sizes, sizes.worker_batch, "auto")
     step_s = measure_step(config, device, sizes.steps, None)["step_s"]
-    local_loss_s = objective_seconds(config, sizes.worker_batch, device, repeats)
+    own = sizes.worker_batch
+    local_loss_s = objective_seconds(config, own, own, device, repeats)
     rows = []
     for global_batch in sizes.global_batches:
         seconds = peak_memory(
-            device, lambda g=global_batch: {"s": objective_seconds(config, g, device, repeats)}
+            device,
+            lambda g=global_batch: {"s": objective_seconds(config, g, own, device, repeats)},
         )
         model_s = max(step_s - local_loss_s, 0.0)
         rows.append(
@@ -600,9 +606,14 @@ def _tflops(value: float | None) -> str:
 
 
 def run_suite(
-    sizes: Sizes, output: Path, fashion_root: Path, budget_s: float, log: Callable
+    sizes: Sizes,
+    output: Path,
+    fashion_root: Path,
+    budget_s: float,
+    log: Callable,
+    sections: tuple[str, ...] = SECTIONS,
 ) -> dict:
-    """Every section in order, each written out as it ends; a failing section is recorded with
+    """The sections in order, each written out as it ends; a failing section is recorded with
     its traceback and the next one runs."""
     deadline = time.monotonic() + budget_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -634,7 +645,7 @@ def run_suite(
         "compile": lambda: compile_section(sizes, device, result.get("step", []), peak, deadline),
     }
     write()
-    for section in SECTIONS:
+    for section in (name for name in SECTIONS if name in sections):
         begun = time.perf_counter()
         log(f"[gpu suite] {section} ...")
         try:
@@ -654,7 +665,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(
             "bench gpu: torch sees no CUDA device: run it on a GPU machine, or pass --smoke"
         )
-    if not (args.fashion_root / "train-images-idx3-ubyte.gz").is_file():
+    wants_data = "quality" in args.sections
+    if wants_data and not (args.fashion_root / "train-images-idx3-ubyte.gz").is_file():
         raise UserError(
             f"--fashion-root {args.fashion_root} holds no train-images-idx3-ubyte.gz: expected "
             "Fashion-MNIST's four .gz files (benchmarks/gpu/README.md)"
@@ -668,6 +680,7 @@ def main(args: argparse.Namespace) -> int:
             log_file.write(line + "\n")
             log_file.flush()
 
-        result = run_suite(sizes, args.output, args.fashion_root, budget, log)
+        sections = tuple(args.sections)
+        result = run_suite(sizes, args.output, args.fashion_root, budget, log, sections)
     print(markdown(result))
     return 1 if result["errors"] else 0
