@@ -45,6 +45,8 @@ from jdcl_ray.engine import (
 
 KS = (5, 6, 8, 10, 12, 15, 20)
 SAMPLE = 2000
+CONFIGS = {"digits": "configs/digits_lt.yaml", "fashion_mnist": "configs/fashion_lt.yaml"}
+FROZEN_SAME = ("silhouette_kmeans", "stability_trial", "modularity_kmeans")  # = the trial's there
 
 
 def subsample(data: RunData, limit: int | None, seed: int) -> RunData:
@@ -372,31 +374,56 @@ def run(args: argparse.Namespace) -> None:
                             km,
                             k,
                             seed,
-                            skip=("silhouette_kmeans", "stability_trial", "modularity_kmeans"),
+                            skip=FROZEN_SAME,
                         ),
                     }
                     write(row)
 
 
-def rescore(args: argparse.Namespace) -> None:
-    """Every candidate (or ``--only`` ones) again from the trials ``--dump`` saved."""
-    out = args.jsonl.open("a")
-    for path in sorted(args.dump.glob("*.npz")):
-        name, ratio, seed, k = path.stem.rsplit("_", 3)
-        saved = np.load(path)
-        row = {
-            "set": name,
-            "ratio": float(ratio.removeprefix("ir")),
-            "seed": int(seed.removeprefix("s")),
-            "source": "trial",
-            "k": int(k.removeprefix("k")),
-            "caa": float(saved["caa"]),
-        }
-        skip = [c for c in CANDIDATES if args.only and c not in args.only]
-        row.update(score_all(saved["features"], saved["clusters"], row["k"], row["seed"], skip))
-        out.write(json.dumps(row) + "\n")
-        out.flush()
-        print(row)
+def complete(args: argparse.Namespace) -> None:
+    """Rows of ``--inputs`` merged by (set, ratio, seed, source, K) (later files win), then
+    every candidate of ``--only`` a row lacks computed from what ``--dump`` saved: the trial's
+    features and clusters, the run at the true K's features (k-means), or the pixels of the
+    same draw (rebuilt from ``--config`` and ``--max-images``); written to ``--jsonl``."""
+    merged: dict[tuple, dict] = {}
+    for path in args.inputs:
+        for row in map(json.loads, path.open()):
+            key = (row["set"], float(row["ratio"]), row["seed"], row["source"], row["k"])
+            merged.setdefault(key, {}).update(row)
+    trials = {key[:3]: key for key in merged if key[3] == "trial"}
+    for name, ratio, seed in trials:  # the frozen screens of every trained group, K in min..max
+        ks = [key[4] for key in merged if key[:4] == (name, ratio, seed, "trial")]
+        for source in ("pixels", f"features_k{args.true_k}"):
+            for k in range(min(ks), max(ks) + 1):
+                merged.setdefault(
+                    (name, ratio, seed, source, k),
+                    {"set": name, "ratio": ratio, "seed": seed, "source": source, "k": k},
+                )
+    pixels: dict[tuple, np.ndarray] = {}
+    with args.jsonl.open("w") as out:
+        for (name, ratio, seed, source, k), row in merged.items():
+            missing = [c for c in ["caa", *args.only] if c not in row]
+            # On a frozen row, k-means is the partition already.
+            missing = [c for c in missing if source == "trial" or c not in FROZEN_SAME]
+            if missing:
+                dump_k = k if source == "trial" else args.true_k
+                saved = np.load(args.dump / f"{name}_ir{ratio:g}_s{seed}_k{dump_k}.npz")
+                x = saved["features"]
+                if source == "pixels":
+                    if (name, ratio, seed) not in pixels:
+                        config = load_config(
+                            CONFIGS[name], [f"data.imbalance_ratio={ratio}", f"data.seed={seed}"]
+                        )
+                        data = subsample(prepare_data(config), args.max_images, seed)
+                        pixels[name, ratio, seed] = pixel_rows(data.train.images)
+                    x = pixels[name, ratio, seed]
+                clusters = saved["clusters"] if source == "trial" else kmeans(x, k, seed).labels_
+                if "caa" in missing:
+                    row["caa"] = metrics.cluster_metrics(saved["labels"], clusters, k)["caa"]
+                skip = [c for c in CANDIDATES if c not in missing]
+                row.update(score_all(x, clusters, k, seed, skip))
+                print(name, ratio, seed, source, k, {c: round(row[c], 3) for c in missing})
+            out.write(json.dumps(row) + "\n")
 
 
 def summary(path: Path) -> None:
@@ -422,20 +449,23 @@ def summary(path: Path) -> None:
 
 
 def aggregate(path: Path, source: str = "trial") -> None:
-    """Per candidate over every (set, ratio, seed) of ``source``: picks and mean Spearman."""
-    rows = [json.loads(line) for line in path.open()]
-    rows = [r for r in rows if r["source"] == source]
+    """A Markdown table, per candidate over every (set, ratio, seed) of ``source``: the K it
+    picks in each group, the mean |log2(K / 10)| of its picks and its Spearman with CAA."""
+    rows = [r for r in map(json.loads, path.open()) if r["source"] == source]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["set"], row["ratio"], row["seed"]), []).append(row)
-    names = sorted(
-        {n for r in rows for n in r}
-        - {"set", "ratio", "seed", "source", "k", "epochs", "caa", "seconds", "used", "kmeans_caa"}
+    skip = {"set", "ratio", "seed", "source", "k", "epochs", "caa", "seconds", "used", "kmeans_caa"}
+    names = sorted({n for r in rows for n in r} - skip)
+    order = ", ".join(f"{name} IR {ratio:g} s{seed}" for name, ratio, seed in sorted(groups))
+    print(f"\n{source}: picks in the order {order}\n")
+    print("| candidate | K picked | mean abs(log2(K/10)) | Spearman with CAA |\n|---|---|---|---|")
+    print(
+        f"| (CAA itself) | {[g[int(np.argmax([r['caa'] for r in g]))]['k'] for _, g in sorted(groups.items())]} | | |"
     )
-    print(f"\n{source}: {len(groups)} groups {sorted(groups)}")
     for name in names:
         picks, rhos = [], []
-        for group in groups.values():
+        for _, group in sorted(groups.items()):
             group = [r for r in group if name in r]
             if len(group) < 3:
                 continue
@@ -443,9 +473,9 @@ def aggregate(path: Path, source: str = "trial") -> None:
             picks.append(group[int(np.argmax(values))]["k"])
             rhos.append(spearmanr(values, [r["caa"] for r in group]).statistic)
         if picks:
+            distance = np.mean(np.abs(np.log2(np.array(picks) / 10)))
             print(
-                f"  {name:22s} picks {picks}  |log2(K/10)| {np.mean(np.abs(np.log2(np.array(picks) / 10))):.2f}"
-                f"  rho {np.mean(rhos):+.2f} ± {np.std(rhos):.2f}"
+                f"| {name} | {picks} | {distance:.2f} | {np.mean(rhos):+.2f} ± {np.std(rhos):.2f} |"
             )
 
 
@@ -461,16 +491,23 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--jsonl", type=Path, default=Path(__file__).with_suffix(".jsonl"))
     parser.add_argument("--dump", type=Path, help="save each trial's features here (npz)")
-    parser.add_argument("--rescore", action="store_true", help="score --dump's trials again")
-    parser.add_argument("--only", nargs="*", default=[], help="--rescore these candidates")
+    parser.add_argument(
+        "--complete",
+        nargs="+",
+        type=Path,
+        metavar="JSONL",
+        dest="inputs",
+        help="merge these screens and fill in the --only candidates they lack",
+    )
+    parser.add_argument("--only", nargs="*", default=[], help="--complete these candidates")
     parser.add_argument("--summary", action="store_true", help="only summarise --jsonl")
     args = parser.parse_args()
     if args.summary:
         summary(args.jsonl)
         for source in ("trial", "features_k10", "pixels"):
             aggregate(args.jsonl, source)
-    elif args.rescore:
-        rescore(args)
+    elif args.inputs:
+        complete(args)
     else:
         run(args)
 
