@@ -33,8 +33,37 @@ def init_ray(address: str | None, resources: dict[str, float] | None = None) -> 
         else:
             # "local": a new Ray here, never a stale `ray start` cluster found in /tmp/ray.
             # The dashboard hosts the State API that Train uses to clean up stopped runs.
-            ray.init(address="local", dashboard_host="127.0.0.1", resources=resources)
+            quiet_local_ray()
+            ray.init(
+                address="local",
+                dashboard_host="127.0.0.1",
+                resources=resources,
+                runtime_env={"worker_process_setup_hook": "jdcl_ray.runtime.quiet_worker_logs"},
+            )
     return bool(address)
+
+
+# Lines Ray prints on every trial of a search on one machine that say nothing wrong (README,
+# "What the console shows"): the cleaner of a stopped trial's placement group reports, at
+# warning level, that it cleans up as designed.
+QUIET_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_local_ray() -> None:
+    """Before a Ray of our own starts on this machine: no node of it can be drained or
+    preempted, so Train's preemption watcher (an actor per trial, whose construction logs an
+    error line about its restarts) has nothing to watch; token authentication is on, which is
+    right for a local cluster and needs no warning."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
+
+
+def quiet_worker_logs() -> None:
+    """Ray's worker_process_setup_hook: raise the level of QUIET_WORKER_LOGGERS to errors."""
+    for name in QUIET_WORKER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def trials_that_fit(config: Config, on_cluster: bool) -> int:
