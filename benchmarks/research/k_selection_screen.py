@@ -433,18 +433,18 @@ def summary(path: Path) -> None:
         groups.setdefault((row["set"], row["ratio"], row["seed"], row["source"]), []).append(row)
     for key, group in sorted(groups.items()):
         print("\n", key)
-        names = [n for n in group[0] if n not in ("set", "ratio", "seed", "source", "k", "epochs")]
-        ks = [r["k"] for r in group]
-        caas = [r["caa"] for r in group]
-        print(f"  CAA by K: {dict(zip(ks, np.round(caas, 3), strict=True))}")
+        skip = {"set", "ratio", "seed", "source", "k", "epochs", "caa", "seconds", "used"}
+        names = sorted({n for r in group for n in r} - skip - {"kmeans_caa"})
+        print(f"  CAA by K: { {r['k']: round(r['caa'], 3) for r in group} }")
         for name in names:
-            if name in ("caa", "seconds", "used", "kmeans_caa") or name not in group[0]:
+            scored = [r for r in group if name in r]
+            if len(scored) < 3:
                 continue
-            values = [r[name] for r in group]
-            rho = spearmanr(values, caas).statistic
+            values = [r[name] for r in scored]
+            rho = spearmanr(values, [r["caa"] for r in scored]).statistic
             print(
-                f"  {name:22s} picks K={ks[int(np.argmax(values))]:3d}  rho(CAA)={rho:+.2f}  "
-                f"{np.round(values, 3).tolist()}"
+                f"  {name:22s} picks K={scored[int(np.argmax(values))]['k']:3d}  "
+                f"rho(CAA)={rho:+.2f}  {np.round(values, 3).tolist()}"
             )
 
 
