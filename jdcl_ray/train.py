@@ -188,7 +188,7 @@ def print_summary(metrics: dict[str, Any], output: str) -> None:
     console.print(table)
     extras = {
         k: metrics[k]
-        for k in ("knn_acc", "knn_acc_pixels", "selection_score", "images_per_s")
+        for k in ("knn_acc", "knn_acc_pixels", "selection_score", "k_score", "images_per_s")
         if k in metrics
     }
     console.print(", ".join(f"{k} {v:.3f}" for k, v in extras.items()))
