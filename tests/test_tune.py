@@ -305,3 +305,24 @@ def test_cli_mistakes_are_one_line(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
         process.stderr
     )
+
+
+@pytest.mark.slow
+def test_a_local_search_prints_no_harmless_ray_error_lines(tmp_path):
+    """Ray started here: no preemption watcher per trial (its construction logs an error line),
+    no placement-group cleaner or token notices; the summary is there."""
+    space = write_space(tmp_path, "console", epochs=1, num_samples=2, max_concurrent_trials=2)
+    process = subprocess.run(
+        [sys.executable, "-m", "jdcl_ray.tune", "--space", str(space),
+         "--storage", str(tmp_path / "tune"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )  # fmt: skip
+    printed = process.stdout + process.stderr
+    assert process.returncode == 0, printed[-3000:]
+    assert "best trial" in printed
+    for noise in ("PreemptionWatcher", "PlacementGroupCleaner", "Token authentication"):
+        assert noise not in printed, noise
