@@ -282,6 +282,20 @@ def ood_auroc(scores_in: Array, scores_out: Array) -> float:
     return float(roc_auc_score(is_ood, np.r_[inside, outside]))
 
 
+def _sampled(
+    features: Array, clusters: Array, sample_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows, checked, and a seeded subsample of ``sample_size`` of them when there are more
+    (the same draw for every trial on the same data, so that trials stay comparable)."""
+    features = _features(features, "features")
+    clusters = _ids(clusters, "clusters")
+    _check_lengths(features=features, clusters=clusters)
+    if len(features) > sample_size:
+        keep = np.random.default_rng(seed).choice(len(features), sample_size, replace=False)
+        features, clusters = features[keep], clusters[keep]
+    return features, clusters
+
+
 def selection_score(
     features: Array, clusters: Array, sample_size: int = 2000, seed: int = 0
 ) -> float:
@@ -292,12 +306,7 @@ def selection_score(
     silhouette), so a collapsed clustering never wins; all-singleton clusters give 0.0, a
     singleton's silhouette by definition (Rousseeuw 1987).
     """
-    features = _features(features, "features")
-    clusters = _ids(clusters, "clusters")
-    _check_lengths(features=features, clusters=clusters)
-    if len(features) > sample_size:
-        keep = np.random.default_rng(seed).choice(len(features), sample_size, replace=False)
-        features, clusters = features[keep], clusters[keep]
+    features, clusters = _sampled(features, clusters, sample_size, seed)
     used = len(np.unique(clusters))
     if used < 2:
         return -1.0
@@ -330,12 +339,7 @@ def knn_modularity(
     """
     if neighbours < 1:
         raise ValueError(f"neighbours must be at least 1, got {neighbours}")
-    features = _features(features, "features")
-    clusters = _ids(clusters, "clusters")
-    _check_lengths(features=features, clusters=clusters)
-    if len(features) > sample_size:
-        keep = np.random.default_rng(seed).choice(len(features), sample_size, replace=False)
-        features, clusters = features[keep], clusters[keep]
+    features, clusters = _sampled(features, clusters, sample_size, seed)
     n = len(features)
     if n < 2:
         return 0.0

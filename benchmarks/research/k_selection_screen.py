@@ -150,25 +150,20 @@ def _gaussian_reference(x, rng):
     return x.mean(0) + (rng.standard_normal((len(x), len(s))) * scale) @ vt
 
 
-def clest_uniform(x, clusters, k, seed, pairs=5, references=3):
+def _clest(x, k, seed, reference, pairs=5, references=3):
     """Clest: the data's transfer agreement minus its mean on null references."""
     rng = np.random.default_rng(seed)
     observed = _transfer_agreement(x, k, rng, seed, pairs)
-    null = [
-        _transfer_agreement(_uniform_reference(x, rng), k, rng, seed, pairs)
-        for _ in range(references)
-    ]
+    null = [_transfer_agreement(reference(x, rng), k, rng, seed, pairs) for _ in range(references)]
     return observed - float(np.mean(null))
 
 
-def clest_gaussian(x, clusters, k, seed, pairs=5, references=3):
-    rng = np.random.default_rng(seed)
-    observed = _transfer_agreement(x, k, rng, seed, pairs)
-    null = [
-        _transfer_agreement(_gaussian_reference(x, rng), k, rng, seed, pairs)
-        for _ in range(references)
-    ]
-    return observed - float(np.mean(null))
+def clest_uniform(x, clusters, k, seed):
+    return _clest(x, k, seed, _uniform_reference)
+
+
+def clest_gaussian(x, clusters, k, seed):
+    return _clest(x, k, seed, _gaussian_reference)
 
 
 def _matching_distance(a, b, k):
