@@ -123,9 +123,11 @@ def input_chunks(
 ) -> tuple[Iterator[tuple[dict[str, Any], Sources]], int | None]:
     """(id columns, sources) per chunk of ``data``, and the number of images when known.
 
-    Folders give each image's ``path``; Parquet tables each row's ``index``.
+    Folders give each image's absolute ``path`` (usable from any folder, as Ray Data's are);
+    Parquet tables each row's ``index``.
     """
     if data.is_dir():
+        data = data.absolute()
 
         def folder_chunks() -> Iterator[tuple[dict[str, Any], Sources]]:
             for files in _batched(_walk_images(data), batch_size):
