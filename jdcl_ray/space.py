@@ -55,7 +55,7 @@ NUM_CLUSTERS = "model.num_clusters"
 K_METRIC = "k_score"  # label-free and comparable across K: the default when K is searched
 SEARCH_METRICS = (
     "selection_score",
-    "k_score",
+    K_METRIC,
     "knn_acc",
     "cluster_size_l1",
     # objective.JOINT_TERMS: every clustering objective reports these (tests check they agree).
@@ -168,7 +168,7 @@ class SearchSpace:
 
     @property
     def searches_num_clusters(self) -> bool:
-        return any(p.key == NUM_CLUSTERS for p in self.parameters)
+        return _searches_k(self.parameters)
 
     @property
     def num_trials(self) -> int:
@@ -240,9 +240,13 @@ def _parse(values: dict[str, Any], path: Path) -> SearchSpace:
     return SearchSpace(name, base, parameters, search, scheduler, sections["resources"])
 
 
+def _searches_k(parameters: list[Parameter]) -> bool:
+    return any(p.key == NUM_CLUSTERS for p in parameters)
+
+
 def _search_metric(metric: str | None, parameters: list[Parameter]) -> str:
     """The metric as written, else the label-free default: k_score when K is searched."""
-    searches_k = any(p.key == NUM_CLUSTERS for p in parameters)
+    searches_k = _searches_k(parameters)
     if metric is None:
         return K_METRIC if searches_k else "selection_score"
     if searches_k and metric == "selection_score":

@@ -58,32 +58,21 @@ def _per_anchor_prior(a1: Tensor, a2: Tensor) -> Tensor:
     return pooled_tau_plus(torch.cat([gather_with_grad(a1), gather_with_grad(a2)]), PROPORTIONS)
 
 
+def _dcl_pooled(t: dict[str, Tensor], images: slice = slice(None)) -> Tensor:
+    """DCL with the pooled per-anchor prior on the gathered batch, over ``images``' anchors."""
+    z1, z2 = gather_with_grad(t["z1"]), gather_with_grad(t["z2"])
+    return dcl_terms(z1, z2, TEMPERATURE, _per_anchor_prior(t["a1"], t["a2"]), images)[0]
+
+
 # Each loss from LOCAL tensors, as a worker computes it: gather, then the global-batch loss.
 LOSSES: dict[str, tuple[tuple[str, ...], Callable[..., Tensor]]] = {
     "dcl_fixed_prior": (
         ("z1", "z2"),
         lambda t: dcl_loss(gather_with_grad(t["z1"]), gather_with_grad(t["z2"]), TEMPERATURE, 0.1),
     ),
-    "dcl_pooled_prior": (
-        ("z1", "z2"),
-        lambda t: dcl_loss(
-            gather_with_grad(t["z1"]),
-            gather_with_grad(t["z2"]),
-            TEMPERATURE,
-            _per_anchor_prior(t["a1"], t["a2"]),
-        ),
-    ),
+    "dcl_pooled_prior": (("z1", "z2"), _dcl_pooled),
     # As the engine does: each rank its own images' anchors against every negative.
-    "dcl_own_anchors": (
-        ("z1", "z2"),
-        lambda t: dcl_terms(
-            gather_with_grad(t["z1"]),
-            gather_with_grad(t["z2"]),
-            TEMPERATURE,
-            _per_anchor_prior(t["a1"], t["a2"]),
-            own_rows(len(t["z1"])),
-        )[0],
-    ),
+    "dcl_own_anchors": (("z1", "z2"), lambda t: _dcl_pooled(t, own_rows(len(t["z1"])))),
     "ddc": (
         ("a1", "hidden"),
         lambda t: ddc_loss(gather_with_grad(t["a1"]), gather_with_grad(t["hidden"]))["total"],

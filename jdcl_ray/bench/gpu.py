@@ -39,10 +39,20 @@ import torch.nn.functional as F
 from jdcl_ray import metrics, objective
 from jdcl_ray.bench.common import markdown_table, subsample
 from jdcl_ray.bench.throughput import step_throughput, synthetic_run
+from jdcl_ray.checkpoint import model_from_state
 from jdcl_ray.config import Config, load_config
 from jdcl_ray.data import RunData, prepare_data
-from jdcl_ray.engine import WorkerContext, autocast, embed, fit, start_training, train_step
+from jdcl_ray.engine import (
+    WorkerContext,
+    autocast,
+    embed,
+    fit,
+    start_training,
+    train_epoch,
+    train_step,
+)
 from jdcl_ray.errors import UserError
+from jdcl_ray.models import build_model
 
 STEP_CONFIG = "configs/cifar10_lt.yaml"  # the GPU recipe: ResNet-18, CIFAR stem, 32 px
 QUALITY_CONFIG = "configs/fashion_lt.yaml"
@@ -238,8 +248,6 @@ def objective_inputs(
     """A global batch of the joint model's outputs (random, with gradients) as one worker with
     ``own_images`` of them sees it, the pooled statistics and the objective's state refreshed on
     random features, at the model's widths."""
-    from jdcl_ray.models import build_model
-
     model = build_model(config, 3, QUALITY_SIDE).eval()
     with torch.no_grad():
         out = model(torch.rand(2, 3, QUALITY_SIDE, QUALITY_SIDE))
@@ -357,8 +365,6 @@ def epochs_that_fit(config: Config, data: RunData, device: torch.device, seconds
     clustering terms and refresh on) timed, the final evaluation's time estimated from an
     embedding of the training set."""
     training = start_training(config, data, WorkerContext(0, 1, device), None)
-    from jdcl_ray.engine import train_epoch
-
     epoch = max(config.loss.clustering_warmup_epochs, config.loss.prior_warmup_epochs)
     train_epoch(training, epoch)  # warm-up: cuDNN autotuning, first allocations
     synchronize(device)
@@ -378,17 +384,17 @@ def quality_section(
 ) -> dict[str, Any]:
     """The shipped Fashion-MNIST-LT recipe on ResNet-18 for as many epochs as fit in ``seconds``
     (the head's CAA beside the config's assignment rule, k-means on the features)."""
-    batch = max(sizes.batches[0], 1)
+    begun = time.perf_counter()
+    batch = sizes.batches[0]
     probe_config = quality_config(sizes, fashion_root, 1, batch)
     data = padded(subsample(prepare_data(probe_config), sizes.quality_images, 0), QUALITY_SIDE)
-    begun = time.perf_counter()
     plan = epochs_that_fit(probe_config, data, device, seconds - (time.perf_counter() - begun))
     config = quality_config(sizes, fashion_root, plan["epochs"], batch)
     final: dict[str, Any] = {}
 
     def keep(_metrics: dict, state: dict | None, _assignments: Any) -> None:
         if state is not None:
-            final["model"] = state["model"]
+            final.update(state)
 
     started = time.perf_counter()
     last = fit(config, data, WorkerContext(0, 1, device), keep, log=log)
@@ -404,18 +410,14 @@ def quality_section(
         "wall_s": wall_s,
         **{key: value for key, value in last.items() if not key.startswith("loss/")},
     }
-    result["head"] = head_metrics(config, data, final["model"], device)
+    result["head"] = head_metrics(config, data, model_from_state(final), device)
     return result
 
 
 def head_metrics(
-    config: Config, data: RunData, weights: dict[str, torch.Tensor], device: torch.device
+    config: Config, data: RunData, model: torch.nn.Module, device: torch.device
 ) -> dict[str, Any]:
     """The clustering head's own CAA/NMI and sizes on the training set (argmax of A)."""
-    from jdcl_ray.models import build_model
-
-    model = build_model(config, data.train.images.shape[1], QUALITY_SIDE)
-    model.load_state_dict(weights)
     model = model.to(device, memory_format=torch.channels_last)
     clusters = embed(model, data.train.images, device)["assignments"].argmax(1).numpy()
     found = metrics.cluster_metrics(
