@@ -20,6 +20,7 @@ from jdcl_ray.errors import UserError
 PRECISIONS = ("auto", "fp32", "bf16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 EVAL_SPLITS = ("auto", "test", "train", "none")
+STREAMED_SOURCES = ("parquet", "folder")  # what data.stream reads
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,14 @@ class DataConfig:
     # null: the images' own size; mixed sizes: their median shorter side, at most 128 px
     image_size: int | None = None
     download: bool = False
+    # Read the images chunk by chunk with Ray Data, sharded across the workers, instead of
+    # decoding them all into memory: for sets larger than memory (README, "Image sets larger
+    # than memory"). stream_chunk: images per block a reader hands on; stream_readers: read-and-
+    # decode tasks at once; shuffle_buffer: rows each worker shuffles its batches from.
+    stream: bool = False
+    stream_chunk: int = 256
+    stream_readers: int = 1
+    shuffle_buffer: int = 4096
 
     def validate(self) -> None:
         check(
@@ -97,6 +106,15 @@ class DataConfig:
             self.image_size,
             "null or >= 4",
         )
+        check(
+            not self.stream or self.name in STREAMED_SOURCES,
+            "data.stream",
+            self.stream,
+            f"false for data.name {self.name!r}: only {' and '.join(STREAMED_SOURCES)} sources "
+            "stream (the others fit in memory)",
+        )
+        for key in ("stream_chunk", "stream_readers", "shuffle_buffer"):
+            check(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), ">= 1")
 
 
 @dataclass

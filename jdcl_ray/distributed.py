@@ -64,8 +64,9 @@ def own_rows(local_size: int) -> slice:
 
 
 @torch.no_grad()
-def all_reduce_sum(x: Tensor) -> Tensor:
-    """Sum ``x`` in place across ranks (no gradient) and return it; identity when not distributed."""
+def all_reduce_sum(x: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+    """Sum (or ``op``) ``x`` in place across ranks (no gradient) and return it; identity when
+    not distributed."""
     if is_distributed():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        dist.all_reduce(x, op=op)
     return x

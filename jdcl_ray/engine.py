@@ -8,8 +8,9 @@ statistics pooling update. Ray stays outside: ``fit`` receives a ``report`` call
 from __future__ import annotations
 
 import math
+import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,70 @@ def worker_context(use_gpu: bool) -> WorkerContext:
     return WorkerContext(rank, world, device)
 
 
+# (uint8 images, their positions in the set): a batch, or a chunk of a pass over the set.
+Chunk = tuple[Tensor, Tensor]
+
+
+@dataclass
+class WorkerImages:
+    """How one worker reads its images: in memory (``in_memory``) or streamed
+    (``jdcl_ray/streaming.py``); the loops below don't know which.
+
+    ``epoch_batches(epoch, local_batch)``: this worker's batches of an epoch, on the device;
+    ``train_chunks()`` / ``eval_chunks()``: every image of the training / evaluation set once.
+    """
+
+    epoch_batches: Callable[[int, int], Iterator[Chunk]]
+    train_chunks: Callable[[], Iterator[Chunk]]
+    eval_chunks: Callable[[], Iterator[Chunk]] | None = None
+
+
+def in_memory(data: RunData, seed: int, ctx: WorkerContext) -> WorkerImages:
+    """The decoded images, the training set on the device: each epoch one seeded permutation
+    of the set, shared by the ranks, each rank taking its slice of every global batch."""
+    images = data.train.images.to(ctx.device)
+
+    def epoch_batches(epoch: int, local_batch: int) -> Iterator[Chunk]:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(images), generator=generator).to(ctx.device)
+        global_batch = local_batch * ctx.world_size
+        for start in range(0, len(order) - global_batch + 1, global_batch):
+            first = start + ctx.rank * local_batch
+            positions = order[first : first + local_batch]
+            yield images[positions], positions
+
+    evaluation = data.eval.images if has_eval_labels(data) else None
+    return WorkerImages(
+        epoch_batches,
+        lambda: tensor_chunks(data.train.images),
+        None if evaluation is None else lambda: tensor_chunks(evaluation),
+    )
+
+
+def tensor_chunks(images: Tensor, size: int = 4096) -> Iterator[Chunk]:
+    for start in range(0, len(images), size):
+        part = images[start : start + size]
+        yield part, torch.arange(start, start + len(part))
+
+
+def embed_all(
+    model: JointModel, chunks: Iterable[Chunk], count: int, device: torch.device
+) -> dict[str, Tensor]:
+    """``embed`` of every image of a set, read chunk by chunk, each row at its position."""
+    parts: dict[str, Tensor] = {}
+    seen = 0
+    for images, positions in chunks:
+        out = embed(model, images, device)
+        for key, value in out.items():
+            if key not in parts:
+                parts[key] = torch.empty((count, *value.shape[1:]), dtype=value.dtype)
+            parts[key][positions.cpu()] = value
+        seen += len(positions)
+    if seen != count:
+        raise RuntimeError(f"a pass over the images read {seen} of {count}")
+    return parts
+
+
 @dataclass
 class Training:
     """Everything one worker's training mutates, built from the config (and a restored state)."""
@@ -124,7 +189,8 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     augment: BatchAugment
-    images: Tensor  # the training images, on the device
+    images: WorkerImages
+    num_images: int
     steps_per_epoch: int
     start_epoch: int = 0
     objective_state: dict[str, Tensor] = field(default_factory=dict)
@@ -138,18 +204,19 @@ def start_training(
     ctx: WorkerContext,
     restored: dict[str, Any] | None,
     initial: InitialWeights | None = None,
+    images: WorkerImages | None = None,
 ) -> Training:
+    """``images``: how this worker reads them (default: decoded in memory, ``in_memory``)."""
     torch.manual_seed(config.run.seed)
-    steps_per_epoch = len(data.train.images) // config.optim.batch_size  # >= 1: prepare_data
-    # channels-last: faster convolutions on GPU (tensor cores) and on CPU (oneDNN) alike.
-    images = data.train.images
-    model = build_model(config, images.shape[1], max(images.shape[-2:]))
+    steps_per_epoch = len(data.train) // config.optim.batch_size  # >= 1: prepare_data
+    model = build_model(config, data.train.channels, data.train.side)
     if initial is not None and restored is None:
         apply_initial_weights(model, initial)
+    # channels-last: faster convolutions on GPU (tensor cores) and on CPU (oneDNN) alike.
     model = model.to(ctx.device, memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    state = objective.initial_state(config, len(data.train.images), model.pooling.mean.shape[1])
+    state = objective.initial_state(config, len(data.train), model.pooling.mean.shape[1])
     start_epoch = 0
     if restored is not None:
         model.load_state_dict(restored["model"])
@@ -173,7 +240,8 @@ def start_training(
         optimizer=optimizer,
         scheduler=scheduler,
         augment=BatchAugment(config.augment),
-        images=data.train.images.to(ctx.device),
+        images=images or in_memory(data, config.run.seed, ctx),
+        num_images=len(data.train),
         steps_per_epoch=steps_per_epoch,
         start_epoch=start_epoch,
         objective_state={key: value.to(ctx.device) for key, value in state.items()},
@@ -240,7 +308,7 @@ def refresh_objective(training: Training, epoch: int) -> None:
     """The objective's refresh from the whole training set. Every rank embeds the set and
     computes the same refresh (eval mode is deterministic), so no rank waits for another."""
     model, config = training.model, training.config
-    out = embed(model, training.images, training.ctx.device)
+    out = embed_all(model, training.images.train_chunks(), training.num_images, training.ctx.device)
     refresh = objective.clustering_objective(config.loss.clustering).refresh
     assert refresh is not None  # refresh_due checked it
     device = training.ctx.device
@@ -269,23 +337,24 @@ def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
     seed, global_batch = config.run.seed, config.optim.batch_size
     local_batch = global_batch // ctx.world_size
     started = time.perf_counter()
-    order = torch.randperm(
-        len(training.images), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
-    ).to(ctx.device)
     views_rng = torch.Generator(ctx.device).manual_seed((seed * 100_003 + epoch) * 1_009 + ctx.rank)
     sums = torch.zeros(len(training.terms), device=ctx.device)
     # The first step with a non-finite term and its terms, kept on the device (no sync).
     first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
     bad_terms = torch.zeros(len(training.terms), device=ctx.device)
-    for step in range(training.steps_per_epoch):
-        first = step * global_batch + ctx.rank * local_batch
-        indices = order[first : first + local_batch]
-        views = training.augment.stacked_views(training.images[indices], generator=views_rng)
-        terms = train_step(training, views, indices, epoch)
+    steps = 0
+    for step, (images, positions) in enumerate(training.images.epoch_batches(epoch, local_batch)):
+        views = training.augment.stacked_views(images, generator=views_rng)
+        terms = train_step(training, views, positions, epoch)
         sums += terms
         newly_bad = ~torch.isfinite(terms).all() & (first_bad < 0)
         first_bad = torch.where(newly_bad, step, first_bad)
         bad_terms = torch.where(newly_bad, terms, bad_terms)
+        steps += 1
+    if steps != training.steps_per_epoch:  # ranks out of step would hang in a collective
+        raise RuntimeError(
+            f"epoch {epoch} had {steps} batches, expected {training.steps_per_epoch}"
+        )
     # DCL's terms are each rank's own anchors' mean: the epoch's figure is the ranks' mean.
     means = (all_reduce_sum(sums) / (ctx.world_size * training.steps_per_epoch)).tolist()
     elapsed = time.perf_counter() - started
@@ -303,7 +372,19 @@ def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
         "epoch": epoch,
         "lr": training.scheduler.get_last_lr()[0],
         "images_per_s": training.steps_per_epoch * global_batch / elapsed,
+        "memory/worker_peak_mb": workers_peak_mb(ctx.device),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB), the figure that says
+    whether a streamed run's memory stays bounded."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def workers_peak_mb(device: torch.device) -> float:
+    peak = torch.tensor(peak_rss_mb(), dtype=torch.float64, device=device)
+    return float(all_reduce_sum(peak, dist.ReduceOp.MAX))
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -324,9 +405,15 @@ class Embedded:
 
 
 def embed_training_set(
-    model: JointModel, data: RunData, config: Config, device: torch.device
+    model: JointModel,
+    data: RunData,
+    config: Config,
+    device: torch.device,
+    images: WorkerImages | None = None,
 ) -> Embedded:
-    out = embed(model, data.train.images, device)
+    """``images``: how to read the training set (default: ``data.train``'s, in memory)."""
+    chunks = images.train_chunks() if images else tensor_chunks(data.train.images)
+    out = embed_all(model, chunks, len(data.train), device)
     features = nn.functional.normalize(out["features"], dim=1).numpy()
     centers = None
     if config.eval.assign == "kmeans":
@@ -388,15 +475,36 @@ def pixel_rows(images: Tensor) -> np.ndarray:
     return pixels.flatten(1).numpy()
 
 
-def pixel_knn_accuracy(data: RunData, config: Config) -> float:
+def pixel_rows_of(chunks: Iterable[Chunk], count: int) -> np.ndarray:
+    """``pixel_rows`` of every image of a set, read chunk by chunk."""
+    rows: np.ndarray | None = None
+    for images, positions in chunks:
+        part = pixel_rows(images.cpu())
+        if rows is None:
+            rows = np.empty((count, part.shape[1]), dtype=part.dtype)
+        rows[positions.cpu().numpy()] = part
+    assert rows is not None
+    return rows
+
+
+def pixel_knn_accuracy(data: RunData, config: Config, images: WorkerImages) -> float:
     """kNN accuracy of the raw pixels on the same draw and split as ``knn_acc``: whether the
     features are better neighbours than the input itself."""
-    eval_rows = pixel_rows(data.eval.images) if has_eval_labels(data) else None
-    return knn_accuracy(data, config, pixel_rows(data.train.images), eval_rows)
+    eval_rows = None
+    if images.eval_chunks is not None:
+        eval_rows = pixel_rows_of(images.eval_chunks(), len(data.eval))
+    return knn_accuracy(
+        data, config, pixel_rows_of(images.train_chunks(), len(data.train)), eval_rows
+    )
 
 
 def evaluate(
-    model: JointModel, data: RunData, config: Config, device: torch.device, embedded: Embedded
+    model: JointModel,
+    data: RunData,
+    config: Config,
+    device: torch.device,
+    embedded: Embedded,
+    images: WorkerImages,
 ) -> dict[str, Any]:
     """Every metric of the metrics module, on the LT training set and the evaluation split."""
     num_clusters = config.model.num_clusters
@@ -434,10 +542,10 @@ def evaluate(
     result["true_sizes"] = sizes["true_sizes"]
     result["cluster_size_l1"] = sizes["size_l1"]
     evaluation, features = data.eval, embedded.features
-    if not has_eval_labels(data):
+    if images.eval_chunks is None:
         result["knn_acc"] = knn_accuracy(data, config, features)
         return result
-    eval_out = embed(model, evaluation.images, device)
+    eval_out = embed_all(model, images.eval_chunks(), len(evaluation), device)
     eval_features = nn.functional.normalize(eval_out["features"], dim=1).numpy()
     eval_clusters, _ = assign(
         eval_features, eval_out["assignments"].numpy(), embedded.centers, config.loss.temperature
@@ -463,8 +571,8 @@ def checkpoint_state(
         "epoch": epoch,
         "config": training.config.to_dict(),
         "lt_indices": torch.tensor(data.lt_indices),
-        "in_channels": int(data.train.images.shape[1]),
-        "image_side": int(max(data.train.images.shape[-2:])),
+        "in_channels": data.train.channels,
+        "image_side": data.train.side,
         "ood_threshold": embedded.ood_threshold,
         "ood": embedded.ood_params,
         "centers": None if embedded.centers is None else torch.from_numpy(embedded.centers),
@@ -480,6 +588,7 @@ def fit(
     restored: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     initial: InitialWeights | None = None,
+    images: WorkerImages | None = None,
 ) -> dict[str, Any]:
     """Train from epoch 0 (or after ``restored``'s epoch) to ``run.epochs``; returns last metrics.
 
@@ -487,11 +596,13 @@ def fit(
     (only on rank 0, on checkpoint epochs) is a weights_only-loadable dict to save as the
     checkpoint; ``assignments`` (rank 0, last epoch) are the training set's clusters.
     ``initial``: the first weights (``model.init``), unless the run continues from ``restored``.
+    ``images``: how this worker reads them (default: decoded in memory).
     """
-    training = start_training(config, data, ctx, restored, initial)
+    training = start_training(config, data, ctx, restored, initial, images)
+    images = training.images
     run = config.run
     if ctx.rank == 0:
-        log(f"{data.train.name}: {len(data.train.images)} images, evaluated on {data.evaluated_on}")
+        log(f"{data.train.name}: {len(data.train)} images, evaluated on {data.evaluated_on}")
     last: dict[str, Any] = {}
     pixels_knn: float | None = None  # computed once, at the first evaluation
     for epoch in range(training.start_epoch, run.epochs):
@@ -501,12 +612,14 @@ def fit(
         saves = is_last or (epoch + 1) % run.checkpoint_every == 0
         state = assignments = None
         if ctx.rank == 0 and (evaluates or saves):
-            embedded = embed_training_set(training.model, data, config, ctx.device)
+            embedded = embed_training_set(training.model, data, config, ctx.device, images)
             if evaluates:
-                epoch_metrics.update(evaluate(training.model, data, config, ctx.device, embedded))
+                epoch_metrics.update(
+                    evaluate(training.model, data, config, ctx.device, embedded, images)
+                )
                 if "knn_acc" in epoch_metrics:
                     if pixels_knn is None:
-                        pixels_knn = pixel_knn_accuracy(data, config)
+                        pixels_knn = pixel_knn_accuracy(data, config, images)
                     epoch_metrics["knn_acc_pixels"] = pixels_knn
             if saves:
                 state = checkpoint_state(training, data, epoch, embedded)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from jdcl_ray import cli, objective, storage, tracking
+from jdcl_ray import cli, objective, storage, streaming, tracking
 from jdcl_ray.checkpoint import (
     ASSIGNMENTS_FILE,
     CONFIG_FILE,
@@ -32,7 +32,7 @@ from jdcl_ray.checkpoint import (
 )
 from jdcl_ray.config import Config, from_dict, load_config, merge, parse_overrides
 from jdcl_ray.data import RunData, prepare_data
-from jdcl_ray.engine import NonFiniteLossError, fit, worker_context
+from jdcl_ray.engine import NonFiniteLossError, fit, peak_rss_mb, worker_context
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.pretrained import InitialWeights, read_initial_weights
 from jdcl_ray.runtime import init_ray, trials_that_fit
@@ -53,6 +53,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     config = from_dict(loop_config["config"])
     data: RunData = ray.get(loop_config["data"])
     ctx = worker_context(config.run.use_gpu)
+    images = streaming.worker_images(config, data, ctx) if streaming.is_streamed(data) else None
     checkpoint = ray.train.get_checkpoint()
     restored = ray.get(loop_config["resume_state"])
     if checkpoint is not None:
@@ -83,6 +84,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             restored,
             log=logging.getLogger("jdcl_ray").info,
             initial=ray.get(loop_config["initial"]),
+            images=images,
         )
     except NonFiniteLossError as error:
         # Returned, not raised: Ray would restart the workers and hit the same NaN again.
@@ -114,6 +116,10 @@ def run_training(
     resources = {"CPU": run.cpus_per_worker}
     if run.use_gpu:
         resources["GPU"] = run.gpus_per_worker
+    streamed = {}
+    if streaming.is_streamed(data):
+        datasets, dataset_config = streaming.training_datasets(data, config)
+        streamed = {"datasets": datasets, "dataset_config": dataset_config}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -136,6 +142,7 @@ def run_training(
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks or [],
         ),
+        **streamed,
     )
     result = trainer.fit()
     returned = result.return_value or {}
@@ -239,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
     save_run_inputs(config, data.lt_indices, output)
     resume_state = newest_saved_state(output) if args.resume else None
     metrics, checkpoint = run_training(config, output, data, resume_state, initial=initial)
+    metrics["memory/driver_peak_mb"] = peak_rss_mb()
     storage.write_text(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2))
     save_assignments(checkpoint, storage.join(output, ASSIGNMENTS_FILE))
     print_summary(metrics, output)

@@ -197,10 +197,10 @@ def step_flops(config: Config, device: torch.device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = config.optim.batch_size
-    training = start_training(
-        config, synthetic_run(config, batch), WorkerContext(0, 1, device), None
-    )
-    views = training.augment.stacked_views(training.images, torch.Generator(device).manual_seed(0))
+    data = synthetic_run(config, batch)
+    training = start_training(config, data, WorkerContext(0, 1, device), None)
+    images = data.train.images.to(device)
+    views = training.augment.stacked_views(images, torch.Generator(device).manual_seed(0))
     indices = torch.arange(batch, device=device)
     epoch = max(config.loss.clustering_warmup_epochs, config.loss.prior_warmup_epochs)
     counter = FlopCounterMode(display=False)
@@ -373,7 +373,7 @@ def epochs_that_fit(config: Config, data: RunData, device: torch.device, seconds
     synchronize(device)
     epoch_s = time.perf_counter() - started
     started = time.perf_counter()
-    embed(training.model, training.images, device)
+    embed(training.model, data.train.images, device)
     evaluation_s = 25 * (time.perf_counter() - started) + 0.1 * seconds  # k-means, kNN, OOD
     epochs = max(int((seconds - evaluation_s) / epoch_s), 1)
     return {"epochs": epochs, "probe_epoch_s": epoch_s, "evaluation_reserve_s": evaluation_s}

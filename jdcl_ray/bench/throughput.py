@@ -121,25 +121,25 @@ def step_throughput(
     the conventional pipeline; also the share of the full step spent making its input. The step
     is the engine's (``train_step``) on ``optim.batch_size`` images, every loss term on."""
     batch = config.optim.batch_size
-    training = start_training(
-        config, synthetic_run(config, batch * 4), WorkerContext(0, 1, device), None
-    )
+    data = synthetic_run(config, batch * 4)
+    training = start_training(config, data, WorkerContext(0, 1, device), None)
+    images = data.train.images.to(device)
     generator = torch.Generator(device).manual_seed(0)
-    indices = torch.arange(len(training.images), device=device)
+    indices = torch.arange(len(images), device=device)
     epoch = max(config.loss.clustering_warmup_epochs, config.loss.prior_warmup_epochs)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def model_step(views: torch.Tensor, first: int = 0) -> None:
         train_step(training, views, indices[first : first + batch], epoch)
 
-    ready = training.augment.stacked_views(training.images[:batch], generator)
+    ready = training.augment.stacked_views(images[:batch], generator)
     order = iter(range(10**9))
     input_time = [0.0]
 
     def full_step() -> None:
         start = (next(order) % 4) * batch
         begun = time.perf_counter()
-        views = training.augment.stacked_views(training.images[start : start + batch], generator)
+        views = training.augment.stacked_views(images[start : start + batch], generator)
         sync()
         input_time[0] += time.perf_counter() - begun
         model_step(views, start)
@@ -167,7 +167,7 @@ def step_throughput(
         "input_share_of_full_step": input_time[0] / spent["full"],
     }
     if conventional:
-        loader = conventional_batches(training.images.cpu(), config.augment, batch, workers)
+        loader = conventional_batches(data.train.images, config.augment, batch, workers)
 
         def conventional_step() -> None:
             first, second = next(loader)  # shuffled: indices matter only to per-image state

@@ -19,6 +19,7 @@ from jdcl_ray.data.parquet import load_parquet, parquet_image_bytes
 from jdcl_ray.data.prepare import RunData, check_fits, prepare_data
 from jdcl_ray.data.registry import LOADERS, load_dataset
 from jdcl_ray.data.stl import load_stl10
+from jdcl_ray.data.stream import StreamedSet, open_stream
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -26,6 +27,7 @@ __all__ = [
     "PROFILES",
     "ImageDataset",
     "RunData",
+    "StreamedSet",
     "check_fits",
     "decode_images",
     "load_cifar10",
@@ -40,6 +42,7 @@ __all__ = [
     "load_stl10",
     "long_tail_counts",
     "mixed_size_side",
+    "open_stream",
     "parquet_image_bytes",
     "prepare_data",
     "sample_long_tail",

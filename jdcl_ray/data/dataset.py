@@ -44,6 +44,15 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def side(self) -> int:
+        """The side models are built for (the longer one, for non-square images)."""
+        return int(max(self.images.shape[-2:]))
+
     def subset(self, indices: np.ndarray) -> ImageDataset:
         """The images at ``indices`` (e.g. a long-tailed sample), same classes and name."""
         indices = np.asarray(indices, dtype=np.int64)

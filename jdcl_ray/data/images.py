@@ -41,6 +41,24 @@ def mixed_size_side(sizes: Sequence[tuple[int, int]]) -> int:
     return int(min(MIXED_SIZE_MAX_SIDE, np.median([min(size) for size in sizes])))
 
 
+def image_header(where: str, source: Path | bytes) -> tuple[str, tuple[int, int]]:
+    """An image's mode and (width, height), from its header only."""
+    with _open_image(where, source) as image:
+        return image.mode, image.size
+
+
+def decoded_shape(
+    headers: Sequence[tuple[str, tuple[int, int]]], image_size: int | None, channels: int | None
+) -> tuple[int, tuple[int, int]]:
+    """Channels and (width, height) that images with these headers are decoded to: grey when
+    all are grey; their own size when all agree, else ``mixed_size_side``."""
+    if channels is None:
+        channels = 1 if all(mode in _GREY_MODES for mode, _ in headers) else 3
+    if image_size is None and len({size for _, size in headers}) > 1:
+        image_size = mixed_size_side([size for _, size in headers])
+    return channels, (image_size, image_size) if image_size else headers[0][1]
+
+
 def decode_images(
     sources: Sequence[tuple[str, Path | bytes]], image_size: int | None, channels: int | None
 ) -> torch.Tensor:
@@ -55,15 +73,8 @@ def decode_images(
         raise UserError(f"image_size {image_size!r} is invalid: expected a positive integer")
     if channels not in (None, 1, 3):
         raise UserError(f"channels {channels!r} is invalid: expected 1 or 3")
-    headers = []
-    for where, source in sources:
-        with _open_image(where, source) as image:
-            headers.append((image.mode, image.size))
-    if channels is None:
-        channels = 1 if all(mode in _GREY_MODES for mode, _ in headers) else 3
-    if image_size is None and len({size for _, size in headers}) > 1:
-        image_size = mixed_size_side([size for _, size in headers])
-    width, height = (image_size, image_size) if image_size else headers[0][1]
+    headers = [image_header(where, source) for where, source in sources]
+    channels, (width, height) = decoded_shape(headers, image_size, channels)
     pixels = np.empty((len(sources), height, width, channels), dtype=np.uint8)
     for index, (where, source) in enumerate(sources):
         with _open_image(where, source) as image:
@@ -83,11 +94,9 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.rglob("*") if _is_visible_image(path, folder))
 
 
-def load_image_folder(
-    root: str | Path, image_size: int | None = None, channels: int | None = None
-) -> ImageDataset:
-    """One sub-folder per class (sorted names give the labels) or a flat, unlabelled folder."""
-    root = _root_path(root, "image folder", "images or one sub-folder of images per class")
+def folder_files(root: Path) -> tuple[list[Path], np.ndarray | None, list[str]]:
+    """The image files of ``root`` in order, their labels and the class names: one sub-folder
+    per class (sorted names give the labels) or a flat, unlabelled folder."""
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist: expected a folder of images")
     classes = sorted(
@@ -106,12 +115,20 @@ def load_image_folder(
                 raise UserError(f"class folder {root / name} has no images: expected .png/.jpg/...")
         files = [path for paths in per_class for path in paths]
         labels = np.repeat(np.arange(len(classes)), [len(paths) for paths in per_class])
-    else:
-        files, labels = sorted(top_level), None
-        if not files:
-            raise UserError(
-                f"image folder {root} has no images: expected {', '.join(sorted(IMAGE_EXTENSIONS))} "
-                "files or class sub-folders"
-            )
+        return files, labels, classes
+    if not top_level:
+        raise UserError(
+            f"image folder {root} has no images: expected {', '.join(sorted(IMAGE_EXTENSIONS))} "
+            "files or class sub-folders"
+        )
+    return sorted(top_level), None, []
+
+
+def load_image_folder(
+    root: str | Path, image_size: int | None = None, channels: int | None = None
+) -> ImageDataset:
+    """One sub-folder per class (sorted names give the labels) or a flat, unlabelled folder."""
+    root = _root_path(root, "image folder", "images or one sub-folder of images per class")
+    files, labels, classes = folder_files(root)
     images = decode_images([(str(path), path) for path in files], image_size, channels)
     return ImageDataset(images, labels, classes, f"folder/{root.name}")
