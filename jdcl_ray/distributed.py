@@ -70,3 +70,18 @@ def all_reduce_sum(x: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -
     if is_distributed():
         dist.all_reduce(x, op=op)
     return x
+
+
+def first_message(message: str | None, device: torch.device) -> str | None:
+    """The lowest failing rank's message, known to every rank (None: no rank failed), so that
+    all stop together instead of the others waiting in a collective for a rank that left."""
+    if not is_distributed():
+        return message
+    failed = all_reduce_sum(
+        torch.tensor([float(message is not None)], device=device), dist.ReduceOp.MAX
+    )
+    if not failed.item():
+        return None
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return next(text for text in messages if text is not None)

@@ -25,7 +25,7 @@ from jdcl_ray.assign import assign, fit_centers
 from jdcl_ray.augment import BatchAugment, to_float
 from jdcl_ray.config import Config
 from jdcl_ray.data import RunData
-from jdcl_ray.distributed import all_reduce_sum, gather_with_grad, own_rows
+from jdcl_ray.distributed import all_reduce_sum, first_message, gather_with_grad, own_rows
 from jdcl_ray.errors import UserError
 from jdcl_ray.models import JointModel, JointOutput, build_model
 from jdcl_ray.pretrained import InitialWeights, apply_initial_weights
@@ -125,11 +125,14 @@ class WorkerImages:
 
     ``epoch_batches(epoch, local_batch)``: this worker's batches of an epoch, on the device;
     ``train_chunks()`` / ``eval_chunks()``: every image of the training / evaluation set once.
+    ``coordinated``: reading can fail (a UserError naming the image): the ranks then agree,
+    each step and epoch, that all of them read their images, so that all stop together.
     """
 
     epoch_batches: Callable[[int, int], Iterator[Chunk]]
     train_chunks: Callable[[], Iterator[Chunk]]
     eval_chunks: Callable[[], Iterator[Chunk]] | None = None
+    coordinated: bool = False
 
 
 def in_memory(data: RunData, seed: int, ctx: WorkerContext) -> WorkerImages:
@@ -152,6 +155,23 @@ def in_memory(data: RunData, seed: int, ctx: WorkerContext) -> WorkerImages:
         lambda: tensor_chunks(data.train.images),
         None if evaluation is None else lambda: tensor_chunks(evaluation),
     )
+
+
+def agreed(batches: Iterator[Chunk], device: torch.device) -> Iterator[Chunk]:
+    """``batches``, each step only once every rank has read its own: one rank's unreadable
+    image stops every rank with its UserError (``distributed.first_message``)."""
+    while True:
+        failure = None
+        try:
+            batch = next(batches)
+        except StopIteration:  # every rank's shard holds the same number of batches
+            return
+        except UserError as error:
+            failure = str(error)
+        failure = first_message(failure, device)
+        if failure is not None:
+            raise UserError(failure)
+        yield batch
 
 
 def tensor_chunks(images: Tensor, size: int = 4096) -> Iterator[Chunk]:
@@ -343,7 +363,10 @@ def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
     first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
     bad_terms = torch.zeros(len(training.terms), device=ctx.device)
     steps = 0
-    for step, (images, positions) in enumerate(training.images.epoch_batches(epoch, local_batch)):
+    batches = training.images.epoch_batches(epoch, local_batch)
+    if training.images.coordinated:
+        batches = agreed(batches, ctx.device)
+    for step, (images, positions) in enumerate(batches):
         views = training.augment.stacked_views(images, generator=views_rng)
         terms = train_step(training, views, positions, epoch)
         sums += terms
@@ -604,32 +627,58 @@ def fit(
     if ctx.rank == 0:
         log(f"{data.train.name}: {len(data.train)} images, evaluated on {data.evaluated_on}")
     last: dict[str, Any] = {}
-    pixels_knn: float | None = None  # computed once, at the first evaluation
+    pixels_knn: list[float] = []  # computed once, at the first evaluation
     for epoch in range(training.start_epoch, run.epochs):
         epoch_metrics = train_epoch(training, epoch)
         is_last = epoch == run.epochs - 1
         evaluates = is_last or (epoch + 1) % config.eval.every == 0
         saves = is_last or (epoch + 1) % run.checkpoint_every == 0
         state = assignments = None
+        failure = None
         if ctx.rank == 0 and (evaluates or saves):
-            embedded = embed_training_set(training.model, data, config, ctx.device, images)
-            if evaluates:
-                epoch_metrics.update(
-                    evaluate(training.model, data, config, ctx.device, embedded, images)
+            try:
+                state, assignments = evaluate_epoch(
+                    training, data, epoch_metrics, (evaluates, saves, is_last), pixels_knn
                 )
-                if "knn_acc" in epoch_metrics:
-                    if pixels_knn is None:
-                        pixels_knn = pixel_knn_accuracy(data, config, images)
-                    epoch_metrics["knn_acc_pixels"] = pixels_knn
-            if saves:
-                state = checkpoint_state(training, data, epoch, embedded)
-            if is_last:
-                assignments = assignment_table(embedded, data)
+            except UserError as error:  # a streamed image that can't be read
+                if not images.coordinated:
+                    raise
+                failure = str(error)
+        if images.coordinated:  # the other ranks must not wait for rank 0 in report()
+            failure = first_message(failure, ctx.device)
+            if failure is not None:
+                raise UserError(failure)
         if ctx.rank == 0:
             log(progress_line(epoch_metrics, run.epochs))
         report(epoch_metrics, state, assignments)
         last = epoch_metrics
     return last
+
+
+def evaluate_epoch(
+    training: Training,
+    data: RunData,
+    epoch_metrics: dict[str, Any],
+    due: tuple[bool, bool, bool],
+    pixels_knn: list[float],
+) -> tuple[dict[str, Any] | None, dict[str, np.ndarray] | None]:
+    """Rank 0's end of an epoch: the metrics (into ``epoch_metrics``), when ``due`` (evaluates,
+    saves, is last) says so the checkpoint's state and the assignments table."""
+    evaluates, saves, is_last = due
+    config, device, images = training.config, training.ctx.device, training.images
+    embedded = embed_training_set(training.model, data, config, device, images)
+    state = assignments = None
+    if evaluates:
+        epoch_metrics.update(evaluate(training.model, data, config, device, embedded, images))
+        if "knn_acc" in epoch_metrics:
+            if not pixels_knn:
+                pixels_knn.append(pixel_knn_accuracy(data, config, images))
+            epoch_metrics["knn_acc_pixels"] = pixels_knn[0]
+    if saves:
+        state = checkpoint_state(training, data, epoch_metrics["epoch"], embedded)
+    if is_last:
+        assignments = assignment_table(embedded, data)
+    return state, assignments
 
 
 def progress_line(epoch_metrics: dict[str, Any], epochs: int) -> str:

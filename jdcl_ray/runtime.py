@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 from jdcl_ray.config import Config
 from jdcl_ray.errors import UserError
@@ -46,7 +47,16 @@ def init_ray(address: str | None, resources: dict[str, float] | None = None) -> 
 # Lines Ray prints on every trial of a search on one machine that say nothing wrong (README,
 # "What the console shows"): the cleaner of a stopped trial's placement group reports, at
 # warning level, that it cleans up as designed.
-QUIET_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# A streamed run's passes (data.stream) each log that Ray Data started and finished and that
+# its progress bars are off (on purpose: one per pass per epoch), and Ray Train's dataset
+# manager warns of a deprecation inside Ray: none is the user's to act on. Ray Data's other
+# warnings still show.
+QUIET_WORKER_LOGGERS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
+    "ray.data._internal.progress": logging.ERROR,
+}
+QUIET_WARNINGS = r"`ExecutionOptions.exclude_resources` is deprecated"
 
 
 def quiet_local_ray() -> None:
@@ -61,9 +71,10 @@ def quiet_local_ray() -> None:
 
 
 def quiet_worker_logs() -> None:
-    """Ray's worker_process_setup_hook: raise the level of QUIET_WORKER_LOGGERS to errors."""
-    for name in QUIET_WORKER_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """Ray's worker_process_setup_hook: raise the levels of QUIET_WORKER_LOGGERS."""
+    for name, level in QUIET_WORKER_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", message=QUIET_WARNINGS)
 
 
 def trials_that_fit(config: Config, on_cluster: bool) -> int:

@@ -10,7 +10,7 @@ Whole passes (evaluation, neighbour mining) read the same tasks unshuffled and u
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -18,12 +18,13 @@ import torch
 
 from jdcl_ray.config import Config
 from jdcl_ray.data import RunData, StreamedSet
-from jdcl_ray.data.stream import Decoding, read_chunk
+from jdcl_ray.data.stream import Decoding, read_or_mark
 from jdcl_ray.engine import Chunk, WorkerContext, WorkerImages, has_eval_labels
 
 TRAIN = "train"  # the training set, split across the workers, shuffled each epoch
 TRAIN_PASS = "train_pass"  # the training set whole, for evaluation and refreshes
 EVAL_PASS = "eval_pass"  # the evaluation split whole, when it is not the training set
+DTYPES = {"image": torch.uint8, "position": torch.int64}
 
 
 def is_streamed(data: RunData) -> bool:
@@ -33,7 +34,9 @@ def is_streamed(data: RunData) -> bool:
 def _read(batch: dict[str, np.ndarray], decoding: Decoding, rows: int) -> Iterator[dict]:
     """Ray Data's task: read and decode a batch of read tasks, ``rows`` images at a time."""
     for task in range(len(batch["position"])):
-        yield from read_chunk({key: column[task] for key, column in batch.items()}, decoding, rows)
+        yield from read_or_mark(
+            {key: column[task] for key, column in batch.items()}, decoding, rows
+        )
 
 
 def image_dataset(streamed: StreamedSet, config: Config, shuffled: bool) -> Any:
@@ -44,7 +47,7 @@ def image_dataset(streamed: StreamedSet, config: Config, shuffled: bool) -> Any:
     start), and ``data.stream_readers`` bounds how many run at once.
     """
     import ray
-    from ray.data import RandomSeedConfig
+    from ray.data import RandomSeedConfig, TaskPoolStrategy
 
     cfg = config.data
     tasks = streamed.chunks(cfg.stream_chunk, config.run.seed)
@@ -57,7 +60,7 @@ def image_dataset(streamed: StreamedSet, config: Config, shuffled: bool) -> Any:
         fn_args=(streamed.decoding, cfg.stream_chunk),
         batch_size=1,
         num_cpus=0,
-        concurrency=cfg.stream_readers,
+        compute=TaskPoolStrategy(size=cfg.stream_readers),
     )
 
 
@@ -85,25 +88,37 @@ def worker_images(config: Config, data: RunData, ctx: WorkerContext) -> WorkerIm
     cfg, seed = config.data, config.run.seed
     shard = ray.train.get_dataset_shard(TRAIN)
 
+    def checked(
+        batches: Iterable[dict[str, torch.Tensor]], streamed: StreamedSet
+    ) -> Iterator[Chunk]:
+        for batch in batches:
+            positions = batch["position"]
+            if bool((positions < 0).any()):  # a reader's mark: read_or_mark
+                streamed.raise_read_error(-int(positions.min()) - 1, cfg.stream_chunk)
+            yield (
+                batch["image"].to(ctx.device, non_blocking=True),
+                positions.to(ctx.device, non_blocking=True),
+            )
+
     def epoch_batches(epoch: int, local_batch: int) -> Iterator[Chunk]:
-        for batch in shard.iter_torch_batches(
+        batches = shard.iter_torch_batches(
             batch_size=local_batch,
             drop_last=True,  # every rank then takes the same number of steps
             local_shuffle_buffer_size=max(cfg.shuffle_buffer, local_batch),
             local_shuffle_seed=(seed * 100_003 + epoch) * 1_009 + ctx.rank,
-            device=ctx.device,
-            dtypes={"image": torch.uint8, "position": torch.int64},
-        ):
-            yield batch["image"], batch["position"]
+            dtypes=DTYPES,
+        )
+        return checked(batches, data.train)
 
-    def whole(name: str) -> Iterator[Chunk]:
-        for batch in ray.train.get_dataset_shard(name).iter_torch_batches(
-            batch_size=cfg.stream_chunk, dtypes={"image": torch.uint8, "position": torch.int64}
-        ):
-            yield batch["image"], batch["position"]
+    def whole(name: str, streamed: StreamedSet) -> Iterator[Chunk]:
+        batches = ray.train.get_dataset_shard(name).iter_torch_batches(
+            batch_size=cfg.stream_chunk, dtypes=DTYPES
+        )
+        return checked(batches, streamed)
 
     return WorkerImages(
         epoch_batches,
-        lambda: whole(TRAIN_PASS),
-        (lambda: whole(EVAL_PASS)) if has_eval_labels(data) else None,
+        lambda: whole(TRAIN_PASS, data.train),
+        (lambda: whole(EVAL_PASS, data.eval)) if has_eval_labels(data) else None,
+        coordinated=True,
     )

@@ -38,6 +38,7 @@ from jdcl_ray.pretrained import InitialWeights, read_initial_weights
 from jdcl_ray.runtime import init_ray, trials_that_fit
 
 NON_FINITE = "non_finite_loss"  # key of a worker's return value when training diverged
+USER_ERROR = "user_error"  # ... when a worker met a user mistake (a streamed image unreadable)
 
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +90,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     except NonFiniteLossError as error:
         # Returned, not raised: Ray would restart the workers and hit the same NaN again.
         return {NON_FINITE: str(error)}
+    except UserError as error:  # the same: a retry would meet the same bad image
+        return {USER_ERROR: str(error)}
 
 
 def run_training(
@@ -148,6 +151,8 @@ def run_training(
     returned = result.return_value or {}
     if NON_FINITE in returned:
         raise NonFiniteLossError(returned[NON_FINITE])
+    if USER_ERROR in returned:
+        raise UserError(returned[USER_ERROR])
     # Ray's record of a resumed run can lag the folders on disk (see newest_saved_state): the
     # newest checkpoint there, by epoch, is what the run really reached.
     saved = saved_checkpoints(output)

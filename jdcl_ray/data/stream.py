@@ -111,6 +111,15 @@ class StreamedSet:
             )
         return tasks
 
+    def raise_read_error(self, position: int, rows: int) -> None:
+        """Read again, here, the chunk holding ``position`` that a reader could not read
+        (``read_or_mark``), so that its UserError names the file or row, with no Ray traceback."""
+        for chunk in self.chunks(rows):
+            if position in chunk["position"]:
+                for _ in read_chunk(chunk, self.decoding, rows):
+                    pass
+        raise UserError(f"{self.name}: image {position} of the set could not be read")
+
     @property
     def decoding(self) -> Decoding:
         return Decoding(self.side, self.channels, self.image_column)
@@ -154,6 +163,21 @@ def read_chunk(
     for start in range(0, len(sources), rows):
         images = decode_images(sources[start : start + rows], decoding.side, decoding.channels)
         yield {"image": images.numpy(), "position": positions[start : start + rows]}
+
+
+def read_or_mark(
+    chunk: Mapping[str, Any], decoding: Decoding, rows: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """``read_chunk`` for a reader in another process: a chunk that can't be read yields one
+    row at position -(p + 1), p its first image, instead of raising; the consumer reads it again
+    to raise the UserError (``StreamedSet.raise_read_error``). A reader's exception would reach
+    the user as pages of tracebacks from every process it passed through."""
+    try:
+        yield from read_chunk(chunk, decoding, rows)
+    except UserError:
+        shape = (1, decoding.channels, decoding.side, decoding.side)
+        first = int(np.min(chunk["position"]))
+        yield {"image": np.zeros(shape, np.uint8), "position": np.array([-(first + 1)])}
 
 
 def _read_parquet(path: str, read: Callable[[pq.ParquetFile], pa.Table]) -> pa.Table:
