@@ -43,6 +43,17 @@ def exists(location: str) -> bool:
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_folder(location: str) -> bool:
+    filesystem, path = _filesystem(location)
+    return filesystem.get_file_info(path).type == pafs.FileType.Directory
+
+
+def open_input_file(location: str) -> pa.NativeFile:
+    """A file opened for random access (Parquet's footer and row groups)."""
+    filesystem, path = _filesystem(location)
+    return filesystem.open_input_file(path)
+
+
 def read_bytes(location: str) -> bytes:
     filesystem, path = _filesystem(location)
     with filesystem.open_input_stream(path) as stream:

@@ -28,7 +28,7 @@ def _parquet_class_names(schema: pa.Schema, column: str) -> list[str] | None:
 
 
 def _parquet_labels(
-    column: pa.ChunkedArray, path: Path, name: str, schema: pa.Schema
+    column: pa.ChunkedArray, path: Path | str, name: str, schema: pa.Schema
 ) -> tuple[np.ndarray, list[str]]:
     if column.null_count:
         raise UserError(f"Parquet file {path} column {name!r} has {column.null_count} empty labels")
@@ -49,7 +49,7 @@ def _parquet_labels(
     )
 
 
-def parquet_image_bytes(column: pa.ChunkedArray, path: Path, name: str) -> list[bytes]:
+def parquet_image_bytes(column: pa.ChunkedArray, path: Path | str, name: str) -> list[bytes]:
     kind = column.type
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
         column = pa.chunked_array([chunk.field("bytes") for chunk in column.chunks])

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jdcl_ray import storage
 from jdcl_ray.config import STREAMED_SOURCES
 from jdcl_ray.data.dataset import _one_line, _root_path
 from jdcl_ray.data.images import (
@@ -155,7 +156,7 @@ def read_chunk(
         )
         rows_in_file = np.asarray(chunk["row"], dtype=np.int64)
         column = table.column(decoding.image_column).take(rows_in_file - int(chunk["group_row"]))
-        blobs = parquet_image_bytes(column, Path(path), decoding.image_column)
+        blobs = parquet_image_bytes(column, path, decoding.image_column)
         sources = [
             (f"{path} row {row}", blob)
             for row, blob in zip(rows_in_file.tolist(), blobs, strict=True)
@@ -180,9 +181,12 @@ def read_or_mark(
         yield {"image": np.zeros(shape, np.uint8), "position": np.array([-(first + 1)])}
 
 
-def _read_parquet(path: str, read: Callable[[pq.ParquetFile], pa.Table]) -> pa.Table:
+def _read_parquet(path: str, read: Callable[[pq.ParquetFile], Any]) -> Any:
+    """``read`` of a Parquet file (a path or an object store URI); a failure is a UserError."""
     try:
-        return read(pq.ParquetFile(path, pre_buffer=False))
+        with storage.open_input_file(path) as file:
+            # pre_buffer (the default) reads far ahead: memory would grow with the row group.
+            return read(pq.ParquetFile(file, pre_buffer=False))
     except (pa.ArrowException, OSError) as error:
         raise UserError(
             f"Parquet file {path} cannot be read: expected Parquet ({_one_line(error)})"
@@ -212,7 +216,7 @@ def open_stream(
 
 
 def _open_folder(root: str | Path | None, split: str, image_size: int | None) -> StreamedSet:
-    folder = _root_path(root, "folder", "images or one sub-folder of images per class")
+    folder = _root_path(root, "folder", "images or one sub-folder of images per class").absolute()
     if (folder / split).is_dir():
         folder = folder / split
     elif split != "train":
@@ -242,23 +246,28 @@ def _shape(headers: list[tuple[str, tuple[int, int]]], image_size: int | None) -
     return channels, width if width == height else mixed_size_side([(width, height)])
 
 
-def _parquet_files(root: str | Path | None) -> list[Path]:
-    path = _root_path(root, "parquet", "a .parquet file or a folder of them")
-    if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
-        if not files:
-            raise UserError(f"Parquet folder {path} has no .parquet files: expected one or more")
-        return files
-    if not path.is_file():
-        raise UserError(f"Parquet file {path} does not exist: expected a .parquet file")
-    return [path]
+def _parquet_files(root: str | Path | None) -> list[str]:
+    """A Parquet file, or the ``*.parquet`` files of a folder in name order: local paths
+    (made absolute, for readers in other processes) or object store URIs (``s3://…``)."""
+    location = str(root) if root is not None and storage.is_uri(str(root)) else ""
+    location = storage.resolve(location or _root_path(root, "parquet", "a .parquet file or folder"))
+    if storage.is_folder(location):
+        names = [name for name in storage.list_names(location) if name.endswith(".parquet")]
+        if not names:
+            raise UserError(
+                f"Parquet folder {location} has no .parquet files: expected one or more"
+            )
+        return [storage.join(location, name) for name in names]
+    if not storage.exists(location):
+        raise UserError(f"Parquet file {location} does not exist: expected a .parquet file")
+    return [location]
 
 
 def _open_parquet(
     root: str | Path | None, image_size: int | None, image_column: str, label_column: str | None
 ) -> StreamedSet:
     files = _parquet_files(root)
-    schema = _read_parquet(str(files[0]), lambda parquet: parquet.schema_arrow)
+    schema = _read_parquet(files[0], lambda parquet: parquet.schema_arrow)
     if image_column not in schema.names:
         raise UserError(
             f"Parquet file {files[0]} has no image column {image_column!r}: "
@@ -273,7 +282,7 @@ def _open_parquet(
         label_column = None
     row_groups, label_parts, start = [], [], 0
     for number, path in enumerate(files):
-        metadata = _read_parquet(str(path), lambda parquet: parquet.metadata)
+        metadata = _read_parquet(path, lambda parquet: parquet.metadata)
         file_row = 0
         for group in range(metadata.num_row_groups):
             rows = metadata.row_group(group).num_rows
@@ -281,9 +290,7 @@ def _open_parquet(
                 row_groups.append(RowGroup(number, group, start, file_row))
             start, file_row = start + rows, file_row + rows
         if label_column:
-            label_parts.append(
-                _read_parquet(str(path), lambda parquet: parquet.read([label_column]))
-            )
+            label_parts.append(_read_parquet(path, lambda parquet: parquet.read([label_column])))
     if start == 0:
         raise UserError(f"Parquet file {files[0]} has no rows: expected at least one image")
     labels, class_names = None, []
@@ -291,7 +298,7 @@ def _open_parquet(
         column = pa.concat_tables(label_parts).column(label_column)
         labels, class_names = _parquet_labels(column, files[0], label_column, schema)
     first = _read_parquet(
-        str(files[0]),
+        files[0],
         lambda parquet: pa.Table.from_batches(
             [next(parquet.iter_batches(HEADER_SAMPLE, columns=[image_column]))]
         ),
@@ -299,11 +306,12 @@ def _open_parquet(
     blobs = parquet_image_bytes(first.column(image_column), files[0], image_column)
     headers = [image_header(f"{files[0]} row {row}", blob) for row, blob in enumerate(blobs)]
     channels, side = _shape(headers, image_size)
-    name = files[0].stem if len(files) == 1 else files[0].parent.name
+    parts = files[0].rstrip("/").split("/")
+    name = parts[-1].removesuffix(".parquet") if len(files) == 1 else parts[-2]
     return StreamedSet(
         name=f"parquet/{name}",
         kind="parquet",
-        files=[str(path) for path in files],
+        files=files,
         row_groups=row_groups,
         image_column=image_column,
         indices=np.arange(start),
