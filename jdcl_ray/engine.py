@@ -24,7 +24,8 @@ from jdcl_ray import metrics, objective, ood
 from jdcl_ray.assign import assign, fit_centers
 from jdcl_ray.augment import BatchAugment, to_float
 from jdcl_ray.config import Config
-from jdcl_ray.data import RunData
+from jdcl_ray.data import RunData, StreamedSet
+from jdcl_ray.data.prepare import Images
 from jdcl_ray.distributed import all_reduce_sum, first_message, gather_with_grad, own_rows
 from jdcl_ray.errors import UserError
 from jdcl_ray.models import JointModel, JointOutput, build_model
@@ -157,6 +158,18 @@ def in_memory(data: RunData, seed: int, ctx: WorkerContext) -> WorkerImages:
     )
 
 
+def timed(batches: Iterator[Chunk], waited: list[float]) -> Iterator[Chunk]:
+    """``batches``, the seconds spent waiting for each added to ``waited[0]``."""
+    while True:
+        begun = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - begun
+        yield batch
+
+
 def agreed(batches: Iterator[Chunk], device: torch.device) -> Iterator[Chunk]:
     """``batches``, each step only once every rank has read its own: one rank's unreadable
     image stops every rank with its UserError (``distributed.first_message``)."""
@@ -178,6 +191,16 @@ def tensor_chunks(images: Tensor, size: int = 4096) -> Iterator[Chunk]:
     for start in range(0, len(images), size):
         part = images[start : start + size]
         yield part, torch.arange(start, start + len(part))
+
+
+def set_chunks(images: Images) -> Iterator[Chunk]:
+    """Every image of a set once, read in this process: decoded in memory, or a streamed set
+    read chunk by chunk (no Ray: ``report``, tests)."""
+    if not isinstance(images, StreamedSet):
+        yield from tensor_chunks(images.images)
+        return
+    for part in images.iter_images():
+        yield torch.from_numpy(part["image"]), torch.from_numpy(part["position"])
 
 
 def embed_all(
@@ -362,8 +385,8 @@ def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
     # The first step with a non-finite term and its terms, kept on the device (no sync).
     first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
     bad_terms = torch.zeros(len(training.terms), device=ctx.device)
-    steps = 0
-    batches = training.images.epoch_batches(epoch, local_batch)
+    steps, waited = 0, [0.0]
+    batches = timed(training.images.epoch_batches(epoch, local_batch), waited)
     if training.images.coordinated:
         batches = agreed(batches, ctx.device)
     for step, (images, positions) in enumerate(batches):
@@ -395,6 +418,9 @@ def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
         "epoch": epoch,
         "lr": training.scheduler.get_last_lr()[0],
         "images_per_s": training.steps_per_epoch * global_batch / elapsed,
+        # The share of the epoch this worker waited for its next batch: the input's cost
+        # that the step did not hide (streamed images: reading and decoding).
+        "input_wait_share": waited[0] / elapsed,
         "memory/worker_peak_mb": workers_peak_mb(ctx.device),
     }
 
@@ -435,7 +461,7 @@ def embed_training_set(
     images: WorkerImages | None = None,
 ) -> Embedded:
     """``images``: how to read the training set (default: ``data.train``'s, in memory)."""
-    chunks = images.train_chunks() if images else tensor_chunks(data.train.images)
+    chunks = images.train_chunks() if images else set_chunks(data.train)
     out = embed_all(model, chunks, len(data.train), device)
     features = nn.functional.normalize(out["features"], dim=1).numpy()
     centers = None

@@ -10,6 +10,7 @@ to the run under ``report/``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +25,7 @@ from sklearn.metrics import confusion_matrix
 from jdcl_ray import cli, storage, tracking
 from jdcl_ray.checkpoint import ASSIGNMENTS_FILE, load_model, read_assignments
 from jdcl_ray.data import prepare_data
-from jdcl_ray.engine import embed
+from jdcl_ray.engine import Chunk, embed_all, set_chunks
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.metrics import match_clusters
 
@@ -135,29 +136,49 @@ def plot_embedding_map(
     return _save(figure, path)
 
 
-def plot_examples(
-    images: np.ndarray,
-    clusters: np.ndarray,
-    confidence: np.ndarray,
-    num_clusters: int,
-    path: Path,
-    per_side: int = 8,
-) -> Path:
-    """One row per cluster, largest first: its most confident images, a gap, its least."""
-    _, channels, height, width = images.shape
+def example_positions(
+    clusters: np.ndarray, confidence: np.ndarray, num_clusters: int, per_side: int = 8
+) -> dict[int, np.ndarray]:
+    """Each non-empty cluster's images to show, largest cluster first: its ``per_side`` most
+    confident, then its ``per_side`` least."""
     sizes = np.bincount(clusters, minlength=num_clusters)
-    order = [k for k in np.argsort(-sizes, kind="stable") if sizes[k]]
+    shown = {}
+    for cluster in (k for k in np.argsort(-sizes, kind="stable") if sizes[k]):
+        members = np.flatnonzero(clusters == cluster)
+        ranked = members[np.argsort(-confidence[members], kind="stable")]
+        shown[int(cluster)] = np.concatenate([ranked[:per_side], ranked[-per_side:]])
+    return shown
+
+
+def kept(chunks: Iterable[Chunk], wanted: set[int], into: dict[int, np.ndarray]) -> Iterator[Chunk]:
+    """``chunks`` passed on, the images at the ``wanted`` positions copied ``into`` a dict."""
+    for images, positions in chunks:
+        for row, position in enumerate(positions.tolist()):
+            if position in wanted:
+                into[position] = images[row].numpy()
+        yield images, positions
+
+
+def plot_examples(
+    images: dict[int, np.ndarray], shown: dict[int, np.ndarray], sizes: np.ndarray, path: Path
+) -> Path:
+    """One row per cluster (``example_positions``): its most confident images, a gap, its least."""
+    channels, height, width = next(iter(images.values())).shape
+    order = list(shown)
+    per_side = max(len(positions) for positions in shown.values()) // 2
     mosaic = np.full(
         (len(order) * (height + 1), (2 * per_side + 1) * (width + 1), channels), 255, np.uint8
     )
     for row, cluster in enumerate(order):
-        members = np.flatnonzero(clusters == cluster)
-        ranked = members[np.argsort(-confidence[members], kind="stable")]
-        most, least = ranked[:per_side], ranked[-per_side:]
-        slots = [*enumerate(most), *((per_side + 1 + j, i) for j, i in enumerate(least))]
+        positions = shown[cluster]
+        half = len(positions) // 2
+        slots = [
+            *enumerate(positions[:half]),
+            *((per_side + 1 + j, i) for j, i in enumerate(positions[half:])),
+        ]
         for column, index in slots:
             top, left = row * (height + 1), column * (width + 1)
-            mosaic[top : top + height, left : left + width] = images[index].transpose(1, 2, 0)
+            mosaic[top : top + height, left : left + width] = images[int(index)].transpose(1, 2, 0)
     figure, axis = plt.subplots(figsize=(8, max(2.0, 0.5 * len(order))))
     axis.imshow(mosaic.squeeze(-1) if channels == 1 else mosaic, cmap="gray")
     axis.set_yticks(
@@ -199,22 +220,24 @@ def run_report(run_id: str, tracking_uri: str, folder: Path) -> list[Path]:
     train = prepare_data(config).train
     if not np.array_equal(assignments["index"], trained.lt_indices):
         raise UserError(f"{table} does not list the training images of {checkpoint}")
-    out = embed(trained.model, train.images, torch.device("cpu"))
-    features = torch.nn.functional.normalize(out["features"], dim=1).numpy()
     scores = assignments["ood_score"]
     threshold = trained.ood_threshold
     clusters, num_clusters = assignments["cluster"], config.model.num_clusters
+    confidence = assignments["confidence"]
+    # One pass over the images (a streamed set is read chunk by chunk): embed every one, keep
+    # the few the examples plot shows.
+    shown = example_positions(clusters, confidence, num_clusters)
+    examples: dict[int, np.ndarray] = {}
+    chunks = kept(set_chunks(train), set(np.concatenate(list(shown.values())).tolist()), examples)
+    out = embed_all(trained.model, chunks, len(train), torch.device("cpu"))
+    features = torch.nn.functional.normalize(out["features"], dim=1).numpy()
     paths = assignment_plots(assignments, num_clusters, folder)
     paths += [
         plot_embedding_map(
             features, clusters, assignments.get("label"), folder / "embedding_map.png"
         ),
         plot_examples(
-            train.images.numpy(),
-            clusters,
-            assignments["confidence"],
-            num_clusters,
-            folder / "examples.png",
+            examples, shown, np.bincount(clusters, minlength=num_clusters), folder / "examples.png"
         ),
         plot_ood_histogram(scores, threshold, folder / "ood_histogram.png"),
     ]

@@ -197,7 +197,7 @@ def log_dataset(client: Any, run_id: str, config: Config, data: Any) -> None:
     dataset = MetaDataset(source, name=train.name, digest=digest)
     tags = {
         "mlflow.data.context": "training",
-        "images": str(len(train.images)),
+        "images": str(len(train)),
         "imbalance_ratio": str(cfg.imbalance_ratio),
         "evaluated_on": data.evaluated_on,
     }

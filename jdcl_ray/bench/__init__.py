@@ -11,6 +11,10 @@ clustering objective recovers the small blobs of a long-tailed Gaussian mixture 
 ``python -m jdcl_ray.bench throughput [--quick] [--json FILE] [--base CONFIG]`` — images/s of
 augmentation, the training step, Ray Train and the losses (``throughput.py``).
 
+``python -m jdcl_ray.bench stream [--quick] [--images N] [--epochs N] [--repeats N] [--gpu]
+[--json FILE] [--markdown FILE]`` — images/s of a run streaming its images from Parquet
+against the same run in memory, side by side, with peak memory (``stream.py``).
+
 ``python -m jdcl_ray.bench gpu --output DIR [--smoke] [--fashion-root DIR] [--sections NAME ...]
 [--budget-s S]`` — every
 GPU figure in one run on a bare CUDA machine, no Ray or MLflow (``gpu.py``,
@@ -90,6 +94,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     speed.add_argument(
         "--base", default="configs/fashion_lt.yaml", metavar="CONFIG", help="config of the step"
     )
+    streaming = suites.add_parser("stream", help="streamed vs in-memory images/s and memory")
+    streaming.add_argument("--quick", action="store_true", help="4,000 images, 2 epochs, 1 run")
+    streaming.add_argument("--images", type=int, default=24_000, metavar="N")
+    streaming.add_argument("--epochs", type=int, default=3, metavar="N")
+    streaming.add_argument("--workers", type=int, default=2, metavar="N")
+    streaming.add_argument("--repeats", type=int, default=2, metavar="N", help="runs of each")
+    streaming.add_argument("--gpu", action="store_true", help="train on the GPUs (run.use_gpu)")
+    streaming.add_argument(
+        "--fashion-root",
+        type=Path,
+        default=Path("/usr/share/datasets/fashion-mnist"),
+        metavar="DIR",
+        help="Fashion-MNIST's four .gz files (default: Debian's dataset-fashion-mnist)",
+    )
+    streaming.add_argument("--json", type=Path, metavar="FILE", help="write the result here too")
+    streaming.add_argument("--markdown", type=Path, metavar="FILE", help="write the table here")
     gpu = suites.add_parser("gpu", help="every GPU figure in one run (no Ray, no MLflow)")
     gpu.add_argument("--output", type=Path, required=True, metavar="DIR", help="gpu.json, gpu.md")
     gpu.add_argument("--smoke", action="store_true", help="the same code on the CPU, tiny sizes")
@@ -142,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         from jdcl_ray.bench import throughput
 
         return throughput.main(args)
+    if args.suite == "stream":
+        from jdcl_ray.bench import stream
+
+        return stream.main(args)
     from jdcl_ray.bench import quality, screen
 
     _check_mode(args)
