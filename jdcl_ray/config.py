@@ -80,11 +80,13 @@ class DataConfig:
     # Read the images chunk by chunk with Ray Data, sharded across the workers, instead of
     # decoding them all into memory: for sets larger than memory (README, "Image sets larger
     # than memory"). stream_chunk: images per block a reader hands on; stream_readers: read-and-
-    # decode tasks at once; shuffle_buffer: rows each worker shuffles its batches from.
+    # decode tasks at once; shuffle_buffer: rows each worker shuffles its batches from;
+    # stream_buffer_mb: decoded blocks Ray Data may hold ahead of the workers, per pass.
     stream: bool = False
     stream_chunk: int = 256
     stream_readers: int = 1
     shuffle_buffer: int = 4096
+    stream_buffer_mb: int = 256
 
     def validate(self) -> None:
         check(
@@ -113,7 +115,7 @@ class DataConfig:
             f"false for data.name {self.name!r}: only {' and '.join(STREAMED_SOURCES)} sources "
             "stream (the others fit in memory)",
         )
-        for key in ("stream_chunk", "stream_readers", "shuffle_buffer"):
+        for key in ("stream_chunk", "stream_readers", "shuffle_buffer", "stream_buffer_mb"):
             check(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), ">= 1")
 
 

@@ -167,6 +167,7 @@ def timed(batches: Iterator[Chunk], waited: list[float]) -> Iterator[Chunk]:
         except StopIteration:
             return
         waited[0] += time.perf_counter() - begun
+        sample_rss()
         yield batch
 
 
@@ -210,6 +211,7 @@ def embed_all(
     parts: dict[str, Tensor] = {}
     seen = 0
     for images, positions in chunks:
+        sample_rss()
         out = embed(model, images, device)
         for key, value in out.items():
             if key not in parts:
@@ -421,18 +423,35 @@ def train_epoch(training: Training, epoch: int) -> dict[str, Any]:
         # The share of the epoch this worker waited for its next batch: the input's cost
         # that the step did not hide (streamed images: reading and decoding).
         "input_wait_share": waited[0] / elapsed,
-        "memory/worker_peak_mb": workers_peak_mb(ctx.device),
     }
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB), the figure that says
-    whether a streamed run's memory stays bounded."""
+    """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+_rss_peak_mb = [0.0]  # the largest resident memory seen by sample_rss in this process
+
+
+def sample_rss() -> None:
+    """Note this process's resident memory (Linux /proc) at every step and chunk: its peak
+    while training and evaluating, which says whether memory stays bounded as a streamed set
+    grows. Its own pages only (anonymous and file-backed): the object store's shared pages a
+    worker maps are Ray's, bounded by the store's size; start-up transients are left out."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith("Rss"))
+        resident = sum(int(fields[key].split()[0]) for key in ("RssAnon", "RssFile")) / 1024
+    except (OSError, KeyError, ValueError):  # not Linux: the whole run's peak instead
+        resident = peak_rss_mb()
+    _rss_peak_mb[0] = max(_rss_peak_mb[0], resident)
+
+
 def workers_peak_mb(device: torch.device) -> float:
-    peak = torch.tensor(peak_rss_mb(), dtype=torch.float64, device=device)
+    """The largest ``sample_rss`` peak of the ranks (a collective: every rank calls it)."""
+    sample_rss()
+    peak = torch.tensor(_rss_peak_mb[0], dtype=torch.float64, device=device)
     return float(all_reduce_sum(peak, dist.ReduceOp.MAX))
 
 
@@ -674,6 +693,7 @@ def fit(
             failure = first_message(failure, ctx.device)
             if failure is not None:
                 raise UserError(failure)
+        epoch_metrics["memory/worker_peak_mb"] = workers_peak_mb(ctx.device)
         if ctx.rank == 0:
             log(progress_line(epoch_metrics, run.epochs))
         report(epoch_metrics, state, assignments)

@@ -65,8 +65,11 @@ def image_dataset(streamed: StreamedSet, config: Config, shuffled: bool) -> Any:
 
 
 def training_datasets(data: RunData, config: Config) -> tuple[dict[str, Any], Any]:
-    """The datasets a streamed run hands its TorchTrainer, and Train's DataConfig for them."""
-    from ray.data import DataContext
+    """The datasets a streamed run hands its TorchTrainer, and Train's DataConfig for them:
+    each pass may hold at most ``data.stream_buffer_mb`` of decoded blocks in Ray's object
+    store ahead of the workers (Ray Data's own default, a share of the object store, would
+    read a set of a few GB ahead whole)."""
+    from ray.data import DataContext, ExecutionResources
     from ray.train import DataConfig
 
     context = DataContext.get_current()
@@ -78,7 +81,10 @@ def training_datasets(data: RunData, config: Config) -> tuple[dict[str, Any], An
     }
     if has_eval_labels(data):
         datasets[EVAL_PASS] = image_dataset(data.eval, config, shuffled=False)
-    return datasets, DataConfig(datasets_to_split=[TRAIN])
+    options = DataConfig.default_ingest_options()
+    limits = options.resource_limits or ExecutionResources.for_limits()
+    options.resource_limits = limits.copy(object_store_memory=config.data.stream_buffer_mb * 2**20)
+    return datasets, DataConfig(datasets_to_split=[TRAIN], execution_options=options)
 
 
 def worker_images(config: Config, data: RunData, ctx: WorkerContext) -> WorkerImages:

@@ -263,6 +263,17 @@ def _parquet_files(root: str | Path | None) -> list[str]:
     return [location]
 
 
+def _first_rows(parquet: pq.ParquetFile, column: str) -> pa.Table:
+    """The first HEADER_SAMPLE rows of ``column``, reading only the row groups that hold them
+    (left free, pyarrow's reader reads many row groups ahead: memory would grow with the file)."""
+    groups, rows = [], 0
+    while rows < HEADER_SAMPLE and len(groups) < parquet.metadata.num_row_groups:
+        rows += parquet.metadata.row_group(len(groups)).num_rows
+        groups.append(len(groups))
+    batches = parquet.iter_batches(HEADER_SAMPLE, row_groups=groups, columns=[column])
+    return pa.Table.from_batches([next(batches)])
+
+
 def _open_parquet(
     root: str | Path | None, image_size: int | None, image_column: str, label_column: str | None
 ) -> StreamedSet:
@@ -297,12 +308,7 @@ def _open_parquet(
     if label_column:
         column = pa.concat_tables(label_parts).column(label_column)
         labels, class_names = _parquet_labels(column, files[0], label_column, schema)
-    first = _read_parquet(
-        files[0],
-        lambda parquet: pa.Table.from_batches(
-            [next(parquet.iter_batches(HEADER_SAMPLE, columns=[image_column]))]
-        ),
-    )
+    first = _read_parquet(files[0], lambda parquet: _first_rows(parquet, image_column))
     blobs = parquet_image_bytes(first.column(image_column), files[0], image_column)
     headers = [image_header(f"{files[0]} row {row}", blob) for row, blob in enumerate(blobs)]
     channels, side = _shape(headers, image_size)
