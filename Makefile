@@ -8,7 +8,8 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 UNIT_TESTS := $(wildcard tests/test_losses.py tests/test_objective.py tests/test_metrics.py \
 	tests/test_data_*.py tests/test_longtail.py tests/test_augment.py tests/test_config.py \
 	tests/test_models.py tests/test_checkpoint.py tests/test_layers.py tests/test_space.py \
-	tests/test_storage.py tests/test_pretrained.py tests/test_own_images.py tests/test_bench_gpu.py)
+	tests/test_storage.py tests/test_pretrained.py tests/test_own_images.py tests/test_bench_gpu.py \
+	tests/test_stream.py)
 # pytest exits 5 when it collects no test: say so instead of failing on it.
 PYTEST_EXIT = code=$$?; if [ $$code -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$code
 

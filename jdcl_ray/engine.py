@@ -448,10 +448,14 @@ def sample_rss() -> None:
     _rss_peak_mb[0] = max(_rss_peak_mb[0], resident)
 
 
+def sampled_rss_peak_mb() -> float:
+    return _rss_peak_mb[0]
+
+
 def workers_peak_mb(device: torch.device) -> float:
     """The largest ``sample_rss`` peak of the ranks (a collective: every rank calls it)."""
     sample_rss()
-    peak = torch.tensor(_rss_peak_mb[0], dtype=torch.float64, device=device)
+    peak = torch.tensor(sampled_rss_peak_mb(), dtype=torch.float64, device=device)
     return float(all_reduce_sum(peak, dist.ReduceOp.MAX))
 
 

@@ -100,7 +100,7 @@ def worker_images(config: Config, data: RunData, ctx: WorkerContext) -> WorkerIm
         for batch in batches:
             positions = batch["position"]
             if bool((positions < 0).any()):  # a reader's mark: read_or_mark
-                streamed.raise_read_error(-int(positions.min()) - 1, cfg.stream_chunk)
+                streamed.raise_read_error(-int(positions.min()) - 1)
             yield (
                 batch["image"].to(ctx.device, non_blocking=True),
                 positions.to(ctx.device, non_blocking=True),

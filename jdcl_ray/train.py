@@ -32,7 +32,13 @@ from jdcl_ray.checkpoint import (
 )
 from jdcl_ray.config import Config, from_dict, load_config, merge, parse_overrides
 from jdcl_ray.data import RunData, prepare_data
-from jdcl_ray.engine import NonFiniteLossError, fit, peak_rss_mb, worker_context
+from jdcl_ray.engine import (
+    NonFiniteLossError,
+    fit,
+    sample_rss,
+    sampled_rss_peak_mb,
+    worker_context,
+)
 from jdcl_ray.errors import UserError, run_cli
 from jdcl_ray.pretrained import InitialWeights, read_initial_weights
 from jdcl_ray.runtime import init_ray, trials_that_fit
@@ -245,13 +251,15 @@ def run(args: argparse.Namespace) -> int:
     objective.loss_terms(config)  # an unknown loss.clustering fails here, before Ray starts
     config, initial = initial_weights(config, tracking.default_tracking_uri())
     data = prepare_data(config)
+    sample_rss()
     on_cluster = init_ray(args.address)
     storage.check_shared(output, "--output")
     trials_that_fit(config, on_cluster)
     save_run_inputs(config, data.lt_indices, output)
     resume_state = newest_saved_state(output) if args.resume else None
     metrics, checkpoint = run_training(config, output, data, resume_state, initial=initial)
-    metrics["memory/driver_peak_mb"] = peak_rss_mb()
+    sample_rss()
+    metrics["memory/driver_peak_mb"] = sampled_rss_peak_mb()
     storage.write_text(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2))
     save_assignments(checkpoint, storage.join(output, ASSIGNMENTS_FILE))
     print_summary(metrics, output)

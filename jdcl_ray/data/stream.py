@@ -112,13 +112,12 @@ class StreamedSet:
             )
         return tasks
 
-    def raise_read_error(self, position: int, rows: int) -> None:
-        """Read again, here, the chunk holding ``position`` that a reader could not read
+    def raise_read_error(self, position: int) -> None:
+        """Read again, here, the image at ``position`` that a reader could not read
         (``read_or_mark``), so that its UserError names the file or row, with no Ray traceback."""
-        for chunk in self.chunks(rows):
-            if position in chunk["position"]:
-                for _ in read_chunk(chunk, self.decoding, rows):
-                    pass
+        (chunk,) = self.subset(np.array([position])).chunks(1)
+        for _ in read_chunk(chunk, self.decoding, 1):
+            pass
         raise UserError(f"{self.name}: image {position} of the set could not be read")
 
     @property
@@ -145,7 +144,7 @@ def read_chunk(
     """Decoded images (uint8, n x C x side x side) and their ``position`` in the set, at most
     ``rows`` at a time, of one task from ``StreamedSet.chunks``."""
     positions = np.asarray(chunk["position"], dtype=np.int64)
-    if "row" not in chunk:  # a folder's files
+    if "row" not in chunk:  # a folder's files, one path each
         paths = [str(path) for path in chunk["path"]]
         sources: list[tuple[str, Path | bytes]] = [(path, Path(path)) for path in paths]
     else:
@@ -169,16 +168,38 @@ def read_chunk(
 def read_or_mark(
     chunk: Mapping[str, Any], decoding: Decoding, rows: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """``read_chunk`` for a reader in another process: a chunk that can't be read yields one
-    row at position -(p + 1), p its first image, instead of raising; the consumer reads it again
+    """``read_chunk`` for a reader in another process: an image that can't be read yields one
+    row at position -(p + 1), p its position, instead of raising; the consumer reads it again
     to raise the UserError (``StreamedSet.raise_read_error``). A reader's exception would reach
     the user as pages of tracebacks from every process it passed through."""
+    done = 0
     try:
-        yield from read_chunk(chunk, decoding, rows)
+        for part in read_chunk(chunk, decoding, rows):
+            done += len(part["position"])
+            yield part
     except UserError:
         shape = (1, decoding.channels, decoding.side, decoding.side)
-        first = int(np.min(chunk["position"]))
-        yield {"image": np.zeros(shape, np.uint8), "position": np.array([-(first + 1)])}
+        yield {
+            "image": np.zeros(shape, np.uint8),
+            "position": np.array([-(_unreadable(chunk, decoding, done) + 1)]),
+        }
+
+
+def _unreadable(chunk: Mapping[str, Any], decoding: Decoding, done: int) -> int:
+    """The position of the first image of ``chunk`` after its ``done`` first that can't be read
+    alone (its first one when the whole chunk can't: an unreadable file)."""
+    per_image = ("position", "row") if "row" in chunk else ("position", "path")
+    for number in range(done, len(chunk["position"])):
+        one = {
+            key: value[number : number + 1] if key in per_image else value
+            for key, value in chunk.items()
+        }
+        try:
+            for _ in read_chunk(one, decoding, 1):
+                pass
+        except UserError:
+            return int(chunk["position"][number])
+    return int(chunk["position"][done])
 
 
 def _read_parquet(path: str, read: Callable[[pq.ParquetFile], Any]) -> Any:
