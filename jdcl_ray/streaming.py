@@ -69,7 +69,7 @@ def training_datasets(data: RunData, config: Config) -> tuple[dict[str, Any], An
     each pass may hold at most ``data.stream_buffer_mb`` of decoded blocks in Ray's object
     store ahead of the workers (Ray Data's own default, a share of the object store, would
     read a set of a few GB ahead whole)."""
-    from ray.data import DataContext, ExecutionResources
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources
     from ray.train import DataConfig
 
     context = DataContext.get_current()
@@ -81,9 +81,14 @@ def training_datasets(data: RunData, config: Config) -> tuple[dict[str, Any], An
     }
     if has_eval_labels(data):
         datasets[EVAL_PASS] = image_dataset(data.eval, config, shuffled=False)
-    options = DataConfig.default_ingest_options()
-    limits = options.resource_limits or ExecutionResources.for_limits()
-    options.resource_limits = limits.copy(object_store_memory=config.data.stream_buffer_mb * 2**20)
+    # Train's default_ingest_options() sets a deprecated option (a warning on every run).
+    current = context.execution_options
+    options = ExecutionOptions(
+        resource_limits=(current.resource_limits or ExecutionResources.for_limits()).copy(
+            object_store_memory=config.data.stream_buffer_mb * 2**20
+        ),
+        preserve_order=current.preserve_order,
+    )
     return datasets, DataConfig(datasets_to_split=[TRAIN], execution_options=options)
 
 
