@@ -25,6 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits_lt.yaml"
 
 
+# Identity augmentation: an image's views then don't depend on which worker or batch slot drew it.
+IDENTITY_VIEWS = [
+    "augment.crop_scale=[1.0, 1.0]",
+    "augment.flip_p=0.0",
+    "augment.jitter_p=0.0",
+    "augment.grayscale_p=0.0",
+]
+
+
 def cli(module: str, *args: str, **kwargs) -> subprocess.Popen:
     """``python -m jdcl_ray.<module> ARGS`` from the repository root, output merged, in a
     process group of its own (so a test can kill it and the Ray it started together)."""

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from servers import ROOT
+from servers import IDENTITY_VIEWS, ROOT, sets
 from test_own_images import digit_images, write_folder
 
 from jdcl_ray.config import load_config
@@ -191,14 +191,6 @@ def test_an_unreadable_image_names_its_row_or_file(tmp_path):
 
 # --- with Ray: the same training, bounded memory ------------------------------------------------
 
-# Identity views: an image's views then do not depend on which batch slot it lands in.
-IDENTITY_VIEWS = [
-    "augment.crop_scale=[1.0, 1.0]",
-    "augment.flip_p=0.0",
-    "augment.jitter_p=0.0",
-    "augment.grayscale_p=0.0",
-]
-
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -214,8 +206,7 @@ def local_ray():
 def train(table: Path, output: Path, *overrides: str) -> dict:
     from jdcl_ray.train import main
 
-    sets = [item for key in overrides for item in ("--set", key)]
-    assert main(["--data", str(table), "--output", str(output), *sets]) == 0
+    assert main(["--data", str(table), "--output", str(output), *sets(*overrides)]) == 0
     return json.loads((output / "metrics.json").read_text())
 
 
@@ -268,8 +259,13 @@ def test_two_workers_stream_their_shards_and_an_unreadable_image_is_one_line(loc
 
     with pytest.raises(UserError) as error:
         main(
-            ["--data", str(table), "--output", str(tmp_path / "bad"), "--set", "data.stream=true"]
-            + [item for key in settings for item in ("--set", key)]
+            [
+                "--data",
+                str(table),
+                "--output",
+                str(tmp_path / "bad"),
+                *sets("data.stream=true", *settings),
+            ]
         )
     assert "digits.parquet row 300 cannot be read" in str(error.value)
     assert "\n" not in str(error.value)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from servers import cli, sets
+from servers import IDENTITY_VIEWS, cli, sets
 
 from jdcl_ray import metrics
 from jdcl_ray.checkpoint import load_state
@@ -20,13 +20,6 @@ from jdcl_ray.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits_lt.yaml"
-# Identity augmentation: the views then don't depend on which worker drew them.
-IDENTITY_VIEWS = [
-    "augment.crop_scale=[1.0, 1.0]",
-    "augment.flip_p=0.0",
-    "augment.jitter_p=0.0",
-    "augment.grayscale_p=0.0",
-]
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,16 @@ from pathlib import Path
 from jdcl_ray.errors import UserError
 
 
+def _fashion_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fashion-root",
+        type=Path,
+        default=Path("/usr/share/datasets/fashion-mnist"),
+        metavar="DIR",
+        help="Fashion-MNIST's four .gz files (default: Debian's dataset-fashion-mnist)",
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jdcl_ray.bench", description="Benchmark suites of jdcl-ray."
@@ -101,25 +111,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     streaming.add_argument("--workers", type=int, default=2, metavar="N")
     streaming.add_argument("--repeats", type=int, default=2, metavar="N", help="runs of each")
     streaming.add_argument("--gpu", action="store_true", help="train on the GPUs (run.use_gpu)")
-    streaming.add_argument(
-        "--fashion-root",
-        type=Path,
-        default=Path("/usr/share/datasets/fashion-mnist"),
-        metavar="DIR",
-        help="Fashion-MNIST's four .gz files (default: Debian's dataset-fashion-mnist)",
-    )
+    _fashion_root(streaming)
     streaming.add_argument("--json", type=Path, metavar="FILE", help="write the result here too")
     streaming.add_argument("--markdown", type=Path, metavar="FILE", help="write the table here")
     gpu = suites.add_parser("gpu", help="every GPU figure in one run (no Ray, no MLflow)")
     gpu.add_argument("--output", type=Path, required=True, metavar="DIR", help="gpu.json, gpu.md")
     gpu.add_argument("--smoke", action="store_true", help="the same code on the CPU, tiny sizes")
-    gpu.add_argument(
-        "--fashion-root",
-        type=Path,
-        default=Path("/usr/share/datasets/fashion-mnist"),
-        metavar="DIR",
-        help="Fashion-MNIST's four .gz files (default: Debian's dataset-fashion-mnist)",
-    )
+    _fashion_root(gpu)
     gpu.add_argument(
         "--sections",
         nargs="+",

@@ -66,6 +66,26 @@ def parquet_image_bytes(column: pa.ChunkedArray, path: Path | str, name: str) ->
     return values
 
 
+def checked_columns(
+    schema: pa.Schema, path: Path | str, image_column: str, label_column: str | None
+) -> str | None:
+    """The label column to read (None: an unlabelled table). A missing column under the
+    default name ``label`` means an unlabelled set; any other missing column is a mistake."""
+    if image_column not in schema.names:
+        raise UserError(
+            f"Parquet file {path} has no image column {image_column!r}: "
+            f"found {', '.join(schema.names)}"
+        )
+    if label_column is None or label_column in schema.names:
+        return label_column
+    if label_column != "label":
+        raise UserError(
+            f"Parquet file {path} has no label column {label_column!r}: "
+            f"found {', '.join(schema.names)}"
+        )
+    return None
+
+
 def load_parquet(
     path: str | Path,
     image_column: str = "image",
@@ -87,18 +107,7 @@ def load_parquet(
         raise UserError(
             f"Parquet file {path} cannot be read: expected Parquet ({_one_line(error)})"
         ) from error
-    if image_column not in schema.names:
-        raise UserError(
-            f"Parquet file {path} has no image column {image_column!r}: "
-            f"found {', '.join(schema.names)}"
-        )
-    if label_column is not None and label_column not in schema.names:
-        if label_column != "label":
-            raise UserError(
-                f"Parquet file {path} has no label column {label_column!r}: "
-                f"found {', '.join(schema.names)}"
-            )
-        label_column = None
+    label_column = checked_columns(schema, path, image_column, label_column)
     columns = [image_column] + ([label_column] if label_column else [])
     try:
         table = pq.read_table(path, columns=columns)

@@ -28,7 +28,7 @@ from jdcl_ray.data.images import (
     image_header,
     mixed_size_side,
 )
-from jdcl_ray.data.parquet import _parquet_labels, parquet_image_bytes
+from jdcl_ray.data.parquet import _parquet_labels, checked_columns, parquet_image_bytes
 from jdcl_ray.data.registry import MissingSplit
 from jdcl_ray.errors import UserError
 
@@ -300,18 +300,7 @@ def _open_parquet(
 ) -> StreamedSet:
     files = _parquet_files(root)
     schema = _read_parquet(files[0], lambda parquet: parquet.schema_arrow)
-    if image_column not in schema.names:
-        raise UserError(
-            f"Parquet file {files[0]} has no image column {image_column!r}: "
-            f"found {', '.join(schema.names)}"
-        )
-    if label_column is not None and label_column not in schema.names:
-        if label_column != "label":
-            raise UserError(
-                f"Parquet file {files[0]} has no label column {label_column!r}: "
-                f"found {', '.join(schema.names)}"
-            )
-        label_column = None
+    label_column = checked_columns(schema, files[0], image_column, label_column)
     row_groups, label_parts, start = [], [], 0
     for number, path in enumerate(files):
         metadata = _read_parquet(path, lambda parquet: parquet.metadata)
